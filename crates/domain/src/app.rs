@@ -1,0 +1,136 @@
+//! The application service the transports call: accept a callback, read what is stored,
+//! report health.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::id::{DistinctIds, ObjectId};
+use crate::pipeline::{FailedFetch, PipelineHandle, PipelineStats, SubmitError};
+use crate::ports::{Clock, ObjectStore, StoreError, StoredObject};
+
+/// What an accepted callback was recorded as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    /// How many distinct ids it named.
+    pub distinct: usize,
+}
+
+/// Why a callback was not accepted; the client may try again later.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AcceptError {
+    /// The backlog is full.
+    #[error("{reason}")]
+    Overloaded {
+        /// What is full.
+        reason: String,
+        /// When to try again.
+        retry_after: Duration,
+    },
+    /// The service is shutting down.
+    #[error("the service is shutting down")]
+    ShuttingDown {
+        /// When to try again (another instance, or this one after restart).
+        retry_after: Duration,
+    },
+}
+
+impl AcceptError {
+    /// How long the client should wait before trying again.
+    pub fn retry_after(&self) -> Duration {
+        match self {
+            AcceptError::Overloaded { retry_after, .. }
+            | AcceptError::ShuttingDown { retry_after } => *retry_after,
+        }
+    }
+}
+
+/// What `GET /` reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// The database's answer to a ping.
+    pub database: Result<(), StoreError>,
+    /// The pipeline's counters.
+    pub pipeline: PipelineStats,
+}
+
+impl Health {
+    /// Whether every component is fine.
+    pub fn is_ok(&self) -> bool {
+        self.database.is_ok()
+    }
+}
+
+/// The use cases of callback-service, over the ports.
+#[derive(Clone)]
+pub struct Application {
+    pipeline: PipelineHandle,
+    store: Arc<dyn ObjectStore>,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application")
+            .field("pipeline", &self.pipeline)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Application {
+    /// Builds the application over a running pipeline and its store.
+    pub fn new(
+        pipeline: PipelineHandle,
+        store: Arc<dyn ObjectStore>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self {
+            pipeline,
+            store,
+            clock,
+        }
+    }
+
+    /// Records a callback; once this returns `Ok`, every distinct id will be processed.
+    #[tracing::instrument(skip_all, fields(ids = ids.len()))]
+    pub async fn accept_callback(&self, ids: DistinctIds) -> Result<Accepted, AcceptError> {
+        match self.pipeline.submit(&ids) {
+            Ok(()) => Ok(Accepted {
+                distinct: ids.len(),
+            }),
+            Err(err @ SubmitError::Overloaded { .. }) => Err(AcceptError::Overloaded {
+                reason: err.to_string(),
+                retry_after: Duration::from_secs(1),
+            }),
+            Err(SubmitError::ShuttingDown) => Err(AcceptError::ShuttingDown {
+                retry_after: Duration::from_secs(1),
+            }),
+        }
+    }
+
+    /// The stored object `id`, unless absent or past its TTL.
+    pub async fn object(&self, id: ObjectId) -> Result<Option<StoredObject>, StoreError> {
+        self.store.get(id, self.clock.now()).await
+    }
+
+    /// Up to `limit` stored objects after `after`, by ascending id, none past its TTL.
+    pub async fn objects(
+        &self,
+        after: Option<ObjectId>,
+        limit: usize,
+    ) -> Result<Vec<StoredObject>, StoreError> {
+        self.store.list(self.clock.now(), after, limit).await
+    }
+
+    /// Pings the database and reads the pipeline's counters.
+    pub async fn health(&self) -> Health {
+        Health {
+            database: self.store.ping().await,
+            pipeline: self.pipeline.stats(),
+        }
+    }
+
+    /// The most recent ids whose processing failed, oldest first.
+    pub fn recent_failures(&self) -> Vec<FailedFetch> {
+        self.pipeline.recent_failures()
+    }
+}

@@ -1,0 +1,24 @@
+//! The heart of callback-service: types, ports and the fetch → persist → expire pipeline.
+//!
+//! This crate knows nothing about HTTP, databases or any other I/O: adapters implement
+//! the [`ports`] and the binaries wire them together. Every port has an in-memory fake in
+//! [`testing`] (feature `testing`) so the pipeline can be driven by tokio's paused clock.
+
+pub mod app;
+pub mod expiry;
+pub mod id;
+pub mod pipeline;
+pub mod ports;
+pub mod time;
+
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+
+pub use app::{AcceptError, Accepted, Application, Health};
+pub use expiry::{ExpiryConfig, ExpiryWaker, Sweeper};
+pub use id::{DistinctIds, InvalidObjectId, ObjectId};
+pub use pipeline::{FailedFetch, Pipeline, PipelineConfig, PipelineHandle, PipelineStats};
+pub use ports::{
+    BoxFuture, Clock, FetchError, ObjectSource, ObjectStatus, ObjectStore, StoreError, StoredObject,
+};
+pub use time::{SystemClock, Timestamp};

@@ -1,0 +1,153 @@
+//! The ports: what the domain needs from the outside world, as traits adapters implement.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use crate::id::ObjectId;
+use crate::time::Timestamp;
+
+/// A boxed, sendable future: what a port method returns so ports can be `Arc<dyn Port>`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What the upstream said about one object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectStatus {
+    /// The object asked for.
+    pub id: ObjectId,
+    /// Whether the upstream reports it online.
+    pub online: bool,
+}
+
+/// An object kept in the store: seen online at `last_seen`, gone at `expires_at`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredObject {
+    /// The object.
+    pub id: ObjectId,
+    /// When the upstream last reported it online.
+    pub last_seen: Timestamp,
+    /// `last_seen + ttl`: from this instant on the row is logically gone.
+    pub expires_at: Timestamp,
+}
+
+/// Why asking the upstream about one object failed, after any retries.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FetchError {
+    /// No connection could be made, or it broke before an answer.
+    #[error("upstream unreachable: {0}")]
+    Unreachable(String),
+    /// No answer within the request timeout.
+    #[error("upstream did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The upstream answered with a status other than 200.
+    #[error("upstream answered status {0}")]
+    Status(u16),
+    /// The answer was not the JSON the contract promises.
+    #[error("malformed upstream answer: {0}")]
+    Malformed(String),
+    /// The answer was about another object.
+    #[error("upstream answered for id {got} when asked for {asked}")]
+    IdMismatch {
+        /// The id asked for.
+        asked: ObjectId,
+        /// The id in the answer.
+        got: i64,
+    },
+}
+
+impl FetchError {
+    /// A short, stable code for metrics and operators: `unreachable`, `timeout`, …
+    pub fn code(&self) -> &'static str {
+        match self {
+            FetchError::Unreachable(_) => "unreachable",
+            FetchError::Timeout(_) => "timeout",
+            FetchError::Status(_) => "status",
+            FetchError::Malformed(_) => "malformed",
+            FetchError::IdMismatch { .. } => "id_mismatch",
+        }
+    }
+
+    /// Whether trying again may succeed (connect errors, timeouts, 5xx and 429).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            FetchError::Unreachable(_) | FetchError::Timeout(_) => true,
+            FetchError::Status(status) => *status == 429 || (500..=599).contains(status),
+            FetchError::Malformed(_) | FetchError::IdMismatch { .. } => false,
+        }
+    }
+}
+
+/// Why a store operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached (connection refused or lost, pool timed out).
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// The database answered with an error.
+    #[error("database error: {0}")]
+    Query(String),
+}
+
+/// Asks the upstream about one object.
+pub trait ObjectSource: Send + Sync + 'static {
+    /// Fetches the status of `id`; retries of transient failures happen inside.
+    fn fetch(&self, id: ObjectId) -> BoxFuture<'_, Result<ObjectStatus, FetchError>>;
+}
+
+/// Keeps the objects seen online, and forgets them when they expire.
+pub trait ObjectStore: Send + Sync + 'static {
+    /// Inserts or refreshes every object of `batch` in one operation.
+    ///
+    /// `batch` names each id at most once. A refresh never moves `last_seen` or
+    /// `expires_at` backwards, so writes may arrive in any order and more than once.
+    fn upsert_seen<'a>(
+        &'a self,
+        batch: &'a [StoredObject],
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Deletes at most `limit` rows whose `expires_at <= cutoff`; returns how many went.
+    fn delete_expired(
+        &self,
+        cutoff: Timestamp,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<u64, StoreError>>;
+
+    /// The earliest `expires_at` of all rows, if there is any row.
+    fn next_expiry(&self) -> BoxFuture<'_, Result<Option<Timestamp>, StoreError>>;
+
+    /// The object `id`, unless it is absent or expired at `now`.
+    fn get(
+        &self,
+        id: ObjectId,
+        now: Timestamp,
+    ) -> BoxFuture<'_, Result<Option<StoredObject>, StoreError>>;
+
+    /// Up to `limit` objects not expired at `now`, by ascending id, after `after` if given.
+    fn list(
+        &self,
+        now: Timestamp,
+        after: Option<ObjectId>,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<StoredObject>, StoreError>>;
+
+    /// Checks that the database answers.
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+}
+
+/// Tells the time; lets tests drive it.
+pub trait Clock: Send + Sync + 'static {
+    /// The current wall-clock instant.
+    fn now(&self) -> Timestamp;
+}
+
+impl std::fmt::Debug for dyn ObjectStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("dyn ObjectStore")
+    }
+}
+
+impl std::fmt::Debug for dyn Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("dyn Clock")
+    }
+}

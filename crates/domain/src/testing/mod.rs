@@ -1,0 +1,298 @@
+//! In-memory fakes of every port, for tests of the domain, the adapters and the bins.
+//!
+//! They follow tokio's clock, so tests run with `#[tokio::test(start_paused = true)]` and
+//! drive time with `tokio::time::advance` instead of sleeping.
+
+pub mod conformance;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+
+use crate::id::ObjectId;
+use crate::ports::{
+    BoxFuture, Clock, FetchError, ObjectSource, ObjectStatus, ObjectStore, StoreError, StoredObject,
+};
+use crate::time::Timestamp;
+
+/// A wall clock that moves with tokio's (possibly paused) clock.
+#[derive(Debug, Clone)]
+pub struct PausedClock {
+    wall_start: Timestamp,
+    tokio_start: Instant,
+}
+
+impl PausedClock {
+    /// A clock that reads the real wall time now and then follows tokio's clock.
+    pub fn new() -> Self {
+        Self {
+            wall_start: Timestamp::from_system_time(SystemTime::now()),
+            tokio_start: Instant::now(),
+        }
+    }
+}
+
+impl Default for PausedClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for PausedClock {
+    fn now(&self) -> Timestamp {
+        self.wall_start.saturating_add(self.tokio_start.elapsed())
+    }
+}
+
+/// An [`ObjectStore`] in memory, with switches to simulate outages and panics.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    rows: Mutex<BTreeMap<ObjectId, StoredObject>>,
+    batches: Mutex<Vec<usize>>,
+    delete_calls: AtomicUsize,
+    unavailable: AtomicBool,
+    panic_on_read: AtomicBool,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many rows are kept, expired or not.
+    pub fn len(&self) -> usize {
+        self.rows.lock().unwrap().len()
+    }
+
+    /// Whether no row is kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The sizes of every successful `upsert_seen` call, in order.
+    pub fn batch_sizes(&self) -> Vec<usize> {
+        self.batches.lock().unwrap().clone()
+    }
+
+    /// How many times `delete_expired` was called.
+    pub fn delete_calls(&self) -> usize {
+        self.delete_calls.load(Ordering::SeqCst)
+    }
+
+    /// Makes every call fail as if the database were gone (or brings it back).
+    pub fn set_unavailable(&self, unavailable: bool) {
+        self.unavailable.store(unavailable, Ordering::SeqCst);
+    }
+
+    /// Makes `get` and `list` panic, to test that callers survive a panic.
+    pub fn set_panic_on_read(&self, panic: bool) {
+        self.panic_on_read.store(panic, Ordering::SeqCst);
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        if self.unavailable.load(Ordering::SeqCst) {
+            Err(StoreError::Unavailable(
+                "connection refused (simulated)".into(),
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn check_read(&self) -> Result<(), StoreError> {
+        assert!(
+            !self.panic_on_read.load(Ordering::SeqCst),
+            "simulated panic in the store"
+        );
+        self.check()
+    }
+}
+
+impl ObjectStore for MemoryStore {
+    fn upsert_seen<'a>(
+        &'a self,
+        batch: &'a [StoredObject],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.check()?;
+            let mut rows = self.rows.lock().unwrap();
+            for object in batch {
+                rows.entry(object.id)
+                    .and_modify(|row| {
+                        row.last_seen = row.last_seen.max(object.last_seen);
+                        row.expires_at = row.expires_at.max(object.expires_at);
+                    })
+                    .or_insert(*object);
+            }
+            self.batches.lock().unwrap().push(batch.len());
+            Ok(())
+        })
+    }
+
+    fn delete_expired(
+        &self,
+        cutoff: Timestamp,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(async move {
+            self.check()?;
+            self.delete_calls.fetch_add(1, Ordering::SeqCst);
+            let mut rows = self.rows.lock().unwrap();
+            let due: Vec<ObjectId> = rows
+                .values()
+                .filter(|row| row.expires_at <= cutoff)
+                .map(|row| row.id)
+                .take(limit)
+                .collect();
+            for id in &due {
+                rows.remove(id);
+            }
+            Ok(due.len() as u64)
+        })
+    }
+
+    fn next_expiry(&self) -> BoxFuture<'_, Result<Option<Timestamp>, StoreError>> {
+        Box::pin(async move {
+            self.check()?;
+            Ok(self
+                .rows
+                .lock()
+                .unwrap()
+                .values()
+                .map(|row| row.expires_at)
+                .min())
+        })
+    }
+
+    fn get(
+        &self,
+        id: ObjectId,
+        now: Timestamp,
+    ) -> BoxFuture<'_, Result<Option<StoredObject>, StoreError>> {
+        Box::pin(async move {
+            self.check_read()?;
+            Ok(self
+                .rows
+                .lock()
+                .unwrap()
+                .get(&id)
+                .filter(|row| row.expires_at > now)
+                .copied())
+        })
+    }
+
+    fn list(
+        &self,
+        now: Timestamp,
+        after: Option<ObjectId>,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<StoredObject>, StoreError>> {
+        Box::pin(async move {
+            self.check_read()?;
+            let rows = self.rows.lock().unwrap();
+            Ok(rows
+                .values()
+                .filter(|row| after.is_none_or(|after| row.id > after))
+                .filter(|row| row.expires_at > now)
+                .take(limit)
+                .copied()
+                .collect())
+        })
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move { self.check() })
+    }
+}
+
+/// What a [`FakeSource`] answers for one id.
+pub type Rule = Arc<dyn Fn(ObjectId) -> Result<bool, FetchError> + Send + Sync>;
+
+/// One fetch a [`FakeSource`] served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FetchRecord {
+    /// The id asked for.
+    pub id: ObjectId,
+    /// When the fetch started, on tokio's clock.
+    pub started: Instant,
+}
+
+/// An [`ObjectSource`] that answers after a fixed latency on tokio's clock: online when
+/// the id is even unless told otherwise, and records every fetch.
+pub struct FakeSource {
+    latency: Duration,
+    rule: Mutex<Rule>,
+    fetches: Mutex<Vec<FetchRecord>>,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+}
+
+impl std::fmt::Debug for FakeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeSource")
+            .field("latency", &self.latency)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FakeSource {
+    /// A source that answers after `latency`, online when the id is even.
+    pub fn new(latency: Duration) -> Self {
+        Self {
+            latency,
+            rule: Mutex::new(Arc::new(|id: ObjectId| Ok(id.get() % 2 == 0))),
+            fetches: Mutex::new(Vec::new()),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    /// Replaces what the source answers.
+    pub fn set_rule(
+        &self,
+        rule: impl Fn(ObjectId) -> Result<bool, FetchError> + Send + Sync + 'static,
+    ) {
+        *self.rule.lock().unwrap() = Arc::new(rule);
+    }
+
+    /// Every fetch started so far, in order.
+    pub fn fetches(&self) -> Vec<FetchRecord> {
+        self.fetches.lock().unwrap().clone()
+    }
+
+    /// How many fetches of each id were started.
+    pub fn fetch_counts(&self) -> HashMap<ObjectId, usize> {
+        let mut counts = HashMap::new();
+        for record in self.fetches.lock().unwrap().iter() {
+            *counts.entry(record.id).or_default() += 1;
+        }
+        counts
+    }
+
+    /// The most fetches that were ever in flight at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight.load(Ordering::SeqCst)
+    }
+}
+
+impl ObjectSource for FakeSource {
+    fn fetch(&self, id: ObjectId) -> BoxFuture<'_, Result<ObjectStatus, FetchError>> {
+        Box::pin(async move {
+            self.fetches.lock().unwrap().push(FetchRecord {
+                id,
+                started: Instant::now(),
+            });
+            let now_in_flight = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.max_in_flight
+                .fetch_max(now_in_flight, Ordering::SeqCst);
+            tokio::time::sleep(self.latency).await;
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            let rule = Arc::clone(&self.rule.lock().unwrap());
+            rule(id).map(|online| ObjectStatus { id, online })
+        })
+    }
+}
