@@ -1,1 +1,379 @@
-//! placeholder
+//! Harness for the end-to-end tests: builds the real binaries once, runs them on free
+//! loopback ports with a temporary SQLite database, and stops them when dropped.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use diesel::{Connection, RunQueryDsl, SqliteConnection};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+
+/// How long a process may take to start listening.
+pub const START_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The paths of the two binaries, built once per test process.
+#[derive(Debug)]
+pub struct Bins {
+    /// `callback-service`.
+    pub callback_service: PathBuf,
+    /// `client-service`.
+    pub client_service: PathBuf,
+}
+
+/// Builds both binaries with the profile of the running tests (once) and returns their paths.
+pub fn bins() -> &'static Bins {
+    static BINS: OnceLock<Bins> = OnceLock::new();
+    BINS.get_or_init(|| {
+        // target/<profile>/deps/<test binary> → target/<profile>
+        let exe = std::env::current_exe().expect("test binary path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binary lives in target/<profile>/deps")
+            .to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let mut build = std::process::Command::new(cargo);
+        build
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "callback-service",
+                "-p",
+                "client-service",
+            ])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("cargo build runs");
+        assert!(status.success(), "building the binaries failed: {status}");
+        Bins {
+            callback_service: profile_dir.join("callback-service"),
+            client_service: profile_dir.join("client-service"),
+        }
+    })
+}
+
+/// The wall clock as microseconds since the Unix epoch, like the service's timestamps.
+pub fn now_micros() -> i64 {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970");
+    i64::try_from(since.as_micros()).expect("fits")
+}
+
+/// Parses an RFC 3339 time as the service prints it into microseconds since the Unix epoch.
+pub fn parse_rfc3339_micros(text: &str) -> anyhow::Result<i64> {
+    let parsed = chrono::DateTime::parse_from_rfc3339(text)
+        .with_context(|| format!("not an RFC 3339 time: {text:?}"))?;
+    Ok(parsed.timestamp_micros())
+}
+
+/// A running child process whose stderr and stdout lines are collected.
+#[derive(Debug)]
+pub struct Process {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    new_line: watch::Receiver<usize>,
+}
+
+impl Process {
+    /// Spawns `command` with piped output; the process is killed if the test drops it.
+    pub fn spawn(mut command: Command) -> anyhow::Result<Self> {
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command.spawn().context("spawn")?;
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, new_line) = watch::channel(0usize);
+        let tx = Arc::new(tx);
+        let stdout = child.stdout.take().context("stdout")?;
+        let stderr = child.stderr.take().context("stderr")?;
+        collect(stdout, Arc::clone(&lines), Arc::clone(&tx));
+        collect(stderr, Arc::clone(&lines), tx);
+        Ok(Self {
+            child,
+            lines,
+            new_line,
+        })
+    }
+
+    /// Every line printed so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().expect("lines lock").clone()
+    }
+
+    /// Waits until a printed line satisfies `pick`, returning what it picked.
+    pub async fn wait_for_line<T>(
+        &mut self,
+        deadline: Duration,
+        mut pick: impl FnMut(&str) -> Option<T>,
+    ) -> anyhow::Result<T> {
+        let waiting = async {
+            loop {
+                if let Some(found) = self.lines().iter().find_map(|l| pick(l)) {
+                    return Ok(found);
+                }
+                if self.new_line.changed().await.is_err() {
+                    bail!("the process closed its output");
+                }
+            }
+        };
+        match tokio::time::timeout(deadline, waiting).await {
+            Ok(found) => found,
+            Err(_) => bail!(
+                "no matching line within {deadline:?}; output:\n{}",
+                self.lines().join("\n")
+            ),
+        }
+    }
+
+    /// Sends a signal by name (`TERM`, `INT`, `KILL`).
+    pub fn signal(&self, name: &str) -> anyhow::Result<()> {
+        let pid = self.child.id().context("process already gone")?;
+        let status = std::process::Command::new("kill")
+            .args([format!("-{name}"), pid.to_string()])
+            .status()
+            .context("run kill")?;
+        if !status.success() {
+            bail!("kill -{name} {pid} failed: {status}");
+        }
+        Ok(())
+    }
+
+    /// Waits for the process to exit.
+    pub async fn wait(&mut self, deadline: Duration) -> anyhow::Result<ExitStatus> {
+        match tokio::time::timeout(deadline, self.child.wait()).await {
+            Ok(status) => Ok(status?),
+            Err(_) => bail!(
+                "still running after {deadline:?}; output:\n{}",
+                self.lines().join("\n")
+            ),
+        }
+    }
+}
+
+fn collect(
+    stream: impl AsyncRead + Unpin + Send + 'static,
+    lines: Arc<Mutex<Vec<String>>>,
+    notify: Arc<watch::Sender<usize>>,
+) {
+    tokio::spawn(async move {
+        let mut reader = BufReader::new(stream).lines();
+        while let Ok(Some(line)) = reader.next_line().await {
+            if std::env::var_os("E2E_ECHO").is_some() {
+                eprintln!("{line}");
+            }
+            let n = {
+                let mut all = lines.lock().expect("lines lock");
+                all.push(line);
+                all.len()
+            };
+            notify.send_replace(n);
+        }
+    });
+}
+
+/// Finds `key=VALUE` in a log line and parses VALUE as a socket address.
+pub fn addr_after(line: &str, marker: &str) -> Option<SocketAddr> {
+    if !line.contains(marker) {
+        return None;
+    }
+    line.split_whitespace()
+        .filter_map(|word| word.strip_prefix("addr="))
+        .find_map(|addr| addr.trim_matches('"').parse().ok())
+}
+
+/// `client-service` running only its upstream simulator on a free loopback port.
+#[derive(Debug)]
+pub struct Upstream {
+    /// The process.
+    pub process: Process,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl Upstream {
+    /// Starts the simulator answering after `min_ms..=max_ms`.
+    pub async fn start(min_ms: u64, max_ms: u64) -> anyhow::Result<Self> {
+        let mut command = Command::new(&bins().client_service);
+        command
+            .args(["--no-emitter", "--upstream-listen", "127.0.0.1:0"])
+            .args(["--min-latency-ms", &min_ms.to_string()])
+            .args(["--max-latency-ms", &max_ms.to_string()])
+            .current_dir(std::env::temp_dir())
+            .env("RUST_LOG", "info");
+        let mut process = Process::spawn(command)?;
+        let addr = process
+            .wait_for_line(START_DEADLINE, |line| {
+                if !line.contains("listening on") {
+                    return None;
+                }
+                line.split_whitespace()
+                    .filter_map(|w| {
+                        w.trim_matches(|c| c == '"' || c == ',')
+                            .parse::<SocketAddr>()
+                            .ok()
+                    })
+                    .next()
+            })
+            .await?;
+        Ok(Self { process, addr })
+    }
+
+    /// The base URL to give the service.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// `callback-service` on free loopback ports with its own SQLite file.
+#[derive(Debug)]
+pub struct Service {
+    /// The process.
+    pub process: Process,
+    /// The public API.
+    pub api: SocketAddr,
+    /// The admin listener.
+    pub admin: SocketAddr,
+    /// The SQLite file.
+    pub db_path: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Service {
+    /// Starts the service against `upstream` with the given TTL and extra `CALLBACK_…` env.
+    pub async fn start(
+        upstream: &str,
+        ttl: Duration,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let db_path = dir.path().join("data").join("callback-service.db");
+        let mut command = Command::new(&bins().callback_service);
+        command
+            .current_dir(dir.path())
+            .env("RUST_LOG", "info")
+            .env("CALLBACK_HTTP__LISTEN", "127.0.0.1:0")
+            .env("CALLBACK_ADMIN__LISTEN", "127.0.0.1:0")
+            .env(
+                "CALLBACK_DATABASE__URL",
+                format!("sqlite://{}", db_path.display()),
+            )
+            .env("CALLBACK_UPSTREAM__BASE_URL", upstream)
+            .env("CALLBACK_EXPIRY__TTL_MS", ttl.as_millis().to_string());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut process = Process::spawn(command)?;
+        let api = process
+            .wait_for_line(START_DEADLINE, |l| addr_after(l, "api listening"))
+            .await?;
+        let admin = process
+            .wait_for_line(START_DEADLINE, |l| addr_after(l, "admin listening"))
+            .await?;
+        Ok(Self {
+            process,
+            api,
+            admin,
+            db_path,
+            dir,
+        })
+    }
+
+    /// `http://<api>{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.api)
+    }
+
+    /// `http://<admin>{path}`.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// The working directory of the process.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Ids of the rows physically in the `objects` table, read straight from SQLite.
+    pub fn physical_ids(&self) -> anyhow::Result<Vec<i64>> {
+        #[derive(diesel::QueryableByName)]
+        struct Row {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            id: i64,
+        }
+        let mut conn = SqliteConnection::establish(&self.db_path.display().to_string())?;
+        diesel::sql_query("PRAGMA busy_timeout = 5000").execute(&mut conn)?;
+        let rows: Vec<Row> =
+            diesel::sql_query("SELECT id FROM objects ORDER BY id").load(&mut conn)?;
+        Ok(rows.into_iter().map(|r| r.id).collect())
+    }
+}
+
+/// A shared HTTP client with a per-request timeout, so no test can hang on a request.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("http client")
+}
+
+/// Polls `check` until it returns `Some`, or fails after `deadline`.
+pub async fn eventually<T, F, Fut>(
+    deadline: Duration,
+    every: Duration,
+    mut check: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let give_up = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(found) = check().await? {
+            return Ok(found);
+        }
+        if tokio::time::Instant::now() >= give_up {
+            bail!("condition not met within {deadline:?}");
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_parsing_matches_known_instants() {
+        assert_eq!(parse_rfc3339_micros("1970-01-01T00:00:00Z").unwrap(), 0);
+        assert_eq!(
+            parse_rfc3339_micros("1970-01-01T00:00:01.5Z").unwrap(),
+            1_500_000
+        );
+        assert_eq!(
+            parse_rfc3339_micros("2026-11-25T12:00:00.123456Z").unwrap(),
+            1_795_608_000_123_456
+        );
+        assert!(parse_rfc3339_micros("2026-11-25 12:00").is_err());
+    }
+
+    #[test]
+    fn addresses_are_found_in_log_lines() {
+        let line = "2026-11-25T12:00:00Z  INFO callback_service: api listening addr=127.0.0.1:4242";
+        assert_eq!(
+            addr_after(line, "api listening"),
+            Some("127.0.0.1:4242".parse().unwrap())
+        );
+        assert_eq!(addr_after(line, "admin listening"), None);
+    }
+}

@@ -1,1 +1,166 @@
-fn main() {}
+//! callback-service: accepts callbacks, fetches each object's status upstream, stores the
+//! online ones and deletes them when their TTL has passed.
+//!
+//! This binary only wires: configuration → adapters → pipeline, sweeper and servers →
+//! graceful shutdown.
+
+mod config;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use domain::{
+    Application, Clock, ExpiryConfig, ExpiryWaker, ObjectSource, Pipeline, PipelineConfig, Sweeper,
+    SystemClock,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Flags, ms, redact_url};
+
+fn main() -> anyhow::Result<()> {
+    let flags = Flags::parse();
+    let config = Config::load(&flags)?;
+    let _telemetry = telemetry::init(&config.telemetry)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    let result = runtime.block_on(run(config));
+    if let Err(err) = &result {
+        tracing::error!(error = format!("{err:#}"), "callback-service failed");
+    }
+    result
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    tracing::info!(config = %config.redacted_json(), "starting callback-service {}", env!("CARGO_PKG_VERSION"));
+
+    let store = storage::open(
+        &config.database.url,
+        &storage::StoreOptions {
+            max_connections: config.database.max_connections,
+            wait_timeout: ms(config.database.wait_timeout_ms),
+        },
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "database.url: cannot open {}",
+            redact_url(&config.database.url)
+        )
+    })?;
+    let source: Arc<dyn ObjectSource> = Arc::new(
+        upstream_client::HttpObjectSource::new(upstream_client::UpstreamConfig {
+            base_url: config.upstream.base_url.clone(),
+            request_timeout: ms(config.upstream.request_timeout_ms),
+            connect_timeout: ms(config.upstream.connect_timeout_ms),
+            retry_deadline: ms(config.upstream.retry_deadline_ms),
+            ..upstream_client::UpstreamConfig::default()
+        })
+        .context("upstream.base_url")?,
+    );
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+
+    let api = TcpListener::bind(config.http.listen)
+        .await
+        .with_context(|| format!("http.listen: cannot listen on {}", config.http.listen))?;
+    let admin = TcpListener::bind(config.admin.listen)
+        .await
+        .with_context(|| format!("admin.listen: cannot listen on {}", config.admin.listen))?;
+
+    let expiry = ExpiryWaker::new();
+    let pipeline = Pipeline::start(
+        source,
+        Arc::clone(&store),
+        Arc::clone(&clock),
+        expiry.clone(),
+        PipelineConfig {
+            ttl: ms(config.expiry.ttl_ms),
+            max_in_flight: config.upstream.max_in_flight,
+            max_batch: config.pipeline.max_batch,
+            max_pending_ids: config.pipeline.max_pending_ids,
+            ..PipelineConfig::default()
+        },
+    );
+    let app = Application::new(pipeline.handle(), Arc::clone(&store), Arc::clone(&clock));
+    let shutdown = CancellationToken::new();
+    let sweeper = tokio::spawn(
+        Sweeper::new(
+            store,
+            clock,
+            expiry,
+            ExpiryConfig {
+                batch_limit: config.expiry.delete_batch,
+                ..ExpiryConfig::default()
+            },
+        )
+        .run(shutdown.child_token()),
+    );
+
+    tracing::info!(addr = %api.local_addr()?, "api listening");
+    tracing::info!(addr = %admin.local_addr()?, "admin listening");
+    let http_config = http_transport::HttpConfig {
+        max_body_bytes: config.http.max_body_bytes,
+        max_ids: config.http.max_ids,
+        header_read_timeout: ms(config.http.header_read_timeout_ms),
+        max_connections: config.http.max_connections,
+        shutdown_grace: ms(config.http.shutdown_grace_ms),
+        ..http_transport::HttpConfig::default()
+    };
+    let api_server = tokio::spawn(http_transport::serve(
+        api,
+        app.clone(),
+        http_config,
+        shutdown.child_token(),
+    ));
+    let admin_server = tokio::spawn(http_transport::serve_admin(
+        admin,
+        app,
+        shutdown.child_token(),
+    ));
+
+    let signal = wait_for_signal().await?;
+    tracing::info!(
+        signal,
+        "shutting down: no new connections, draining requests in flight"
+    );
+    shutdown.cancel();
+    for (name, server) in [("api", api_server), ("admin", admin_server)] {
+        match server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                tracing::error!(server = name, error = %err, "server failed while stopping")
+            }
+            Err(err) => tracing::error!(server = name, error = %err, "server task panicked"),
+        }
+    }
+    let left = pipeline.shutdown(ms(config.pipeline.drain_grace_ms)).await;
+    if let Err(err) = sweeper.await {
+        tracing::error!(error = %err, "expiry sweeper panicked");
+    }
+    tracing::info!(unprocessed_ids = left, "callback-service stopped");
+    Ok(())
+}
+
+/// Waits for SIGINT or SIGTERM and names the one that came.
+async fn wait_for_signal() -> anyhow::Result<&'static str> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+        let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+        tokio::select! {
+            _ = term.recv() => Ok("SIGTERM"),
+            _ = int.recv() => Ok("SIGINT"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c()
+            .await
+            .context("cannot listen for Ctrl-C")?;
+        Ok("Ctrl-C")
+    }
+}

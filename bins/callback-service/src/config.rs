@@ -1,0 +1,493 @@
+//! The service's configuration: built-in defaults, then `config/default.toml`, then the
+//! file named by `--config`, then `CALLBACK_…` environment variables, then flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use telemetry::TelemetryConfig;
+
+/// The file read after the built-in defaults, relative to the working directory.
+pub const DEFAULT_FILE: &str = "config/default.toml";
+
+/// Command-line flags for the common keys; each overrides every other source.
+#[derive(Debug, Default, Parser)]
+#[command(
+    name = "callback-service",
+    version,
+    about = "Ingests callbacks, fetches object status upstream, stores online objects and expires them"
+)]
+pub struct Flags {
+    /// A TOML file read after config/default.toml
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// http.listen: the public API address
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// admin.listen: the admin listener address
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<String>,
+    /// database.url: sqlite://PATH or postgres://…
+    #[arg(long, value_name = "URL")]
+    pub database_url: Option<String>,
+    /// upstream.base_url: where GET /objects/{id} is asked
+    #[arg(long, value_name = "URL")]
+    pub upstream_url: Option<String>,
+    /// expiry.ttl_ms: how long after last_seen an object is deleted
+    #[arg(long, value_name = "MS")]
+    pub ttl_ms: Option<u64>,
+}
+
+impl Flags {
+    /// The flags that were given, as a nested map figment can merge.
+    fn as_provider(&self) -> Serialized<serde_json::Value> {
+        let mut root = serde_json::Map::new();
+        let mut set = |section: &str, key: &str, value: serde_json::Value| {
+            let entry = root
+                .entry(section.to_owned())
+                .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
+            if let serde_json::Value::Object(map) = entry {
+                map.insert(key.to_owned(), value);
+            }
+        };
+        if let Some(v) = &self.listen {
+            set("http", "listen", v.clone().into());
+        }
+        if let Some(v) = &self.admin_listen {
+            set("admin", "listen", v.clone().into());
+        }
+        if let Some(v) = &self.database_url {
+            set("database", "url", v.clone().into());
+        }
+        if let Some(v) = &self.upstream_url {
+            set("upstream", "base_url", v.clone().into());
+        }
+        if let Some(v) = self.ttl_ms {
+            set("expiry", "ttl_ms", v.into());
+        }
+        Serialized::defaults(serde_json::Value::Object(root))
+    }
+}
+
+/// Everything the service can be told.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The public API listener.
+    pub http: HttpSection,
+    /// The admin/debug listener.
+    pub admin: AdminSection,
+    /// The database.
+    pub database: DatabaseSection,
+    /// The upstream API.
+    pub upstream: UpstreamSection,
+    /// Expiry of stored objects.
+    pub expiry: ExpirySection,
+    /// The fetch → store pipeline.
+    pub pipeline: PipelineSection,
+    /// Logs and traces.
+    pub telemetry: TelemetryConfig,
+}
+
+/// `[http]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSection {
+    /// Address of the public API.
+    pub listen: SocketAddr,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// Most ids in one callback.
+    pub max_ids: usize,
+    /// How long a client may take to send its request headers.
+    pub header_read_timeout_ms: u64,
+    /// Most open connections at once.
+    pub max_connections: usize,
+    /// How long shutdown waits for requests in flight.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
+            max_body_bytes: 1_048_576,
+            max_ids: 10_000,
+            header_read_timeout_ms: 10_000,
+            max_connections: 10_000,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSection {
+    /// Address of the admin listener (keep it on loopback).
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 6060)),
+        }
+    }
+}
+
+/// `[database]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseSection {
+    /// `sqlite://PATH` (embedded, the default) or `postgres://…`.
+    pub url: String,
+    /// Pool size.
+    pub max_connections: usize,
+    /// How long a caller waits for a pooled connection.
+    pub wait_timeout_ms: u64,
+}
+
+impl Default for DatabaseSection {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://data/callback-service.db".to_owned(),
+            max_connections: 8,
+            wait_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// `[upstream]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamSection {
+    /// Base URL of the upstream API.
+    pub base_url: String,
+    /// Timeout of one request; above the 4 s worst case.
+    pub request_timeout_ms: u64,
+    /// Timeout of one connection attempt.
+    pub connect_timeout_ms: u64,
+    /// How long one id's fetch may keep retrying transient failures.
+    pub retry_deadline_ms: u64,
+    /// Most upstream requests in flight at once.
+    pub max_in_flight: usize,
+}
+
+impl Default for UpstreamSection {
+    fn default() -> Self {
+        Self {
+            base_url: "http://127.0.0.1:9010".to_owned(),
+            request_timeout_ms: 5_000,
+            connect_timeout_ms: 1_000,
+            retry_deadline_ms: 15_000,
+            max_in_flight: 512,
+        }
+    }
+}
+
+/// `[expiry]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExpirySection {
+    /// How long after `last_seen` an object is deleted.
+    pub ttl_ms: u64,
+    /// Most rows one delete statement removes.
+    pub delete_batch: usize,
+}
+
+impl Default for ExpirySection {
+    fn default() -> Self {
+        Self {
+            ttl_ms: 30_000,
+            delete_batch: 10_000,
+        }
+    }
+}
+
+/// `[pipeline]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineSection {
+    /// Most objects in one store write.
+    pub max_batch: usize,
+    /// Most distinct ids waiting or in flight before callbacks get 503.
+    pub max_pending_ids: usize,
+    /// How long shutdown lets accepted work finish.
+    pub drain_grace_ms: u64,
+}
+
+impl Default for PipelineSection {
+    fn default() -> Self {
+        Self {
+            max_batch: 1_000,
+            max_pending_ids: 1_000_000,
+            drain_grace_ms: 10_000,
+        }
+    }
+}
+
+impl Config {
+    /// Reads every source in order, later wins, and checks the result.
+    pub fn load(flags: &Flags) -> anyhow::Result<Self> {
+        Self::figment(flags)?
+            .extract::<Config>()
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
+            .and_then(|config| config.validated())
+    }
+
+    fn figment(flags: &Flags) -> anyhow::Result<Figment> {
+        let mut figment =
+            Figment::from(Serialized::defaults(Config::default())).merge(Toml::file(DEFAULT_FILE));
+        if let Some(path) = &flags.config {
+            if !path.is_file() {
+                bail!("--config: no such file: {}", path.display());
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        Ok(figment
+            .merge(Env::prefixed("CALLBACK_").split("__"))
+            .merge(flags.as_provider()))
+    }
+
+    fn validated(self) -> anyhow::Result<Self> {
+        let positive = [
+            ("http.max_body_bytes", self.http.max_body_bytes as u64),
+            ("http.max_ids", self.http.max_ids as u64),
+            ("http.max_connections", self.http.max_connections as u64),
+            (
+                "database.max_connections",
+                self.database.max_connections as u64,
+            ),
+            (
+                "upstream.request_timeout_ms",
+                self.upstream.request_timeout_ms,
+            ),
+            ("upstream.max_in_flight", self.upstream.max_in_flight as u64),
+            ("expiry.ttl_ms", self.expiry.ttl_ms),
+            ("expiry.delete_batch", self.expiry.delete_batch as u64),
+            ("pipeline.max_batch", self.pipeline.max_batch as u64),
+            (
+                "pipeline.max_pending_ids",
+                self.pipeline.max_pending_ids as u64,
+            ),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                bail!("invalid configuration: {key} must be greater than 0");
+            }
+        }
+        let upstream = &self.upstream.base_url;
+        if !(upstream.starts_with("http://") || upstream.starts_with("https://")) {
+            bail!(
+                "invalid configuration: upstream.base_url must be an http:// or https:// url, got {upstream:?}"
+            );
+        }
+        let url = &self.database.url;
+        if !["sqlite://", "postgres://", "postgresql://"]
+            .iter()
+            .any(|scheme| url.starts_with(scheme))
+        {
+            bail!(
+                "invalid configuration: database.url must start with sqlite:// or postgres://, got {:?}",
+                redact_url(url)
+            );
+        }
+        Ok(self)
+    }
+
+    /// The configuration as JSON with secrets replaced, for the start-up log line.
+    pub fn redacted_json(&self) -> String {
+        let mut shown = self.clone();
+        shown.database.url = redact_url(&shown.database.url);
+        serde_json::to_string(&shown).unwrap_or_else(|e| format!("<unprintable: {e}>"))
+    }
+}
+
+/// Hides the password of a `scheme://user:password@host/…` url.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            format!("{scheme}://{user}:***@{host}{path}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// Milliseconds from configuration as a [`Duration`].
+pub fn ms(value: u64) -> Duration {
+    Duration::from_millis(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    fn flags(args: &[&str]) -> Flags {
+        Flags::try_parse_from(std::iter::once("callback-service").chain(args.iter().copied()))
+            .expect("flags parse")
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        Jail::expect_with(|_| {
+            let config = Config::load(&Flags::default()).map_err(|e| e.to_string())?;
+            assert_eq!(config.http.listen.to_string(), "0.0.0.0:9090");
+            assert_eq!(config.http.max_body_bytes, 1_048_576);
+            assert_eq!(config.http.max_ids, 10_000);
+            assert_eq!(config.admin.listen.to_string(), "127.0.0.1:6060");
+            assert_eq!(config.database.url, "sqlite://data/callback-service.db");
+            assert_eq!(config.upstream.base_url, "http://127.0.0.1:9010");
+            assert_eq!(config.expiry.ttl_ms, 30_000);
+            assert_eq!(config.telemetry.zipkin_endpoint, "");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn later_sources_win_defaults_file_config_env_flags() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                DEFAULT_FILE,
+                "[expiry]\nttl_ms = 1000\n[http]\nmax_ids = 5\n",
+            )?;
+            jail.create_file(
+                "extra.toml",
+                "[expiry]\nttl_ms = 2000\n[database]\nurl = \"sqlite://x.db\"\n",
+            )?;
+            jail.set_env("CALLBACK_EXPIRY__TTL_MS", "3000");
+            jail.set_env("CALLBACK_UPSTREAM__BASE_URL", "http://10.0.0.1:1");
+            jail.set_env("CALLBACK_HTTP__MAX_BODY_BYTES", "2048");
+            let config = Config::load(&flags(&[
+                "--config",
+                "extra.toml",
+                "--ttl-ms",
+                "4000",
+                "--listen",
+                "127.0.0.1:1234",
+            ]))
+            .map_err(|e| e.to_string())?;
+            assert_eq!(config.http.max_ids, 5, "from config/default.toml");
+            assert_eq!(config.database.url, "sqlite://x.db", "from --config");
+            assert_eq!(config.upstream.base_url, "http://10.0.0.1:1", "from env");
+            assert_eq!(config.http.max_body_bytes, 2048, "from env");
+            assert_eq!(config.expiry.ttl_ms, 4000, "flag beats env beats files");
+            assert_eq!(config.http.listen.to_string(), "127.0.0.1:1234");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn every_contract_flag_and_env_name_is_honoured() {
+        Jail::expect_with(|jail| {
+            jail.set_env("CALLBACK_HTTP__LISTEN", "127.0.0.1:1");
+            jail.set_env("CALLBACK_HTTP__MAX_IDS", "7");
+            jail.set_env("CALLBACK_ADMIN__LISTEN", "127.0.0.1:2");
+            jail.set_env("CALLBACK_DATABASE__URL", "postgres://u:secret@db/x");
+            jail.set_env(
+                "CALLBACK_TELEMETRY__ZIPKIN_ENDPOINT",
+                "http://127.0.0.1:9411/api/v2/spans",
+            );
+            let config = Config::load(&Flags::default()).map_err(|e| e.to_string())?;
+            assert_eq!(config.http.listen.to_string(), "127.0.0.1:1");
+            assert_eq!(config.http.max_ids, 7);
+            assert_eq!(config.admin.listen.to_string(), "127.0.0.1:2");
+            assert_eq!(
+                config.telemetry.zipkin_endpoint,
+                "http://127.0.0.1:9411/api/v2/spans"
+            );
+            assert!(!config.redacted_json().contains("secret"));
+
+            let config = Config::load(&flags(&[
+                "--admin-listen",
+                "127.0.0.1:3",
+                "--database-url",
+                "sqlite:///tmp/y.db",
+                "--upstream-url",
+                "http://127.0.0.1:4",
+            ]))
+            .map_err(|e| e.to_string())?;
+            assert_eq!(config.admin.listen.to_string(), "127.0.0.1:3");
+            assert_eq!(config.database.url, "sqlite:///tmp/y.db");
+            assert_eq!(config.upstream.base_url, "http://127.0.0.1:4");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_configuration_names_the_key() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("CALLBACK_EXPIRY__TTL_MS", "soon", "expiry.ttl_ms"),
+            ("CALLBACK_EXPIRY__TTL_MS", "0", "expiry.ttl_ms"),
+            ("CALLBACK_HTTP__LISTEN", "nowhere", "http.listen"),
+            (
+                "CALLBACK_UPSTREAM__BASE_URL",
+                "ftp://x",
+                "upstream.base_url",
+            ),
+            ("CALLBACK_DATABASE__URL", "mysql://u:pw@x/y", "database.url"),
+            ("CALLBACK_HTTP__MAX_IDZ", "3", "max_idz"),
+        ];
+        for &(var, value, key) in cases {
+            Jail::expect_with(|jail| {
+                jail.set_env(var, value);
+                let err = Config::load(&Flags::default()).unwrap_err().to_string();
+                assert!(
+                    err.contains(key),
+                    "{var}={value}: {err:?} does not name {key}"
+                );
+                assert!(!err.contains("pw@"), "password leaked: {err}");
+                Ok(())
+            });
+        }
+    }
+
+    #[test]
+    fn a_missing_config_file_is_an_error() {
+        Jail::expect_with(|_| {
+            let err = Config::load(&flags(&["--config", "nope.toml"])).unwrap_err();
+            assert!(err.to_string().contains("--config"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_shipped_default_file_parses_and_matches_the_built_in_defaults() {
+        let shipped = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../config/default.toml"
+        ))
+        .expect("config/default.toml is shipped");
+        let from_file: Config = Figment::from(Toml::string(&shipped))
+            .extract()
+            .expect("config/default.toml parses with every key known");
+        let built_in = Config::default();
+        assert_eq!(
+            serde_json::to_value(&from_file).unwrap(),
+            serde_json::to_value(&built_in).unwrap(),
+            "config/default.toml and the built-in defaults disagree"
+        );
+    }
+
+    #[test]
+    fn redaction_hides_passwords_only() {
+        assert_eq!(
+            redact_url("postgres://u:pw@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact_url("postgres://h/db"), "postgres://h/db");
+        assert_eq!(redact_url("sqlite://data/x.db"), "sqlite://data/x.db");
+    }
+}
