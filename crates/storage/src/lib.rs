@@ -1,1 +1,223 @@
-//! placeholder
+//! diesel + diesel-async adapters of the [`domain::ObjectStore`] port.
+//!
+//! [`open`] reads a database url and returns the matching store with its migrations
+//! applied: `sqlite://<path>` gives the embedded [`SqliteStore`]; `postgres://…` is
+//! recognised but its backend is not built yet.
+
+mod sqlite;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use domain::ObjectStore;
+
+pub use sqlite::SqliteStore;
+
+/// How a store's connection pool behaves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// The most connections the pool keeps open at once (at least 1).
+    pub max_connections: usize,
+    /// How long a call waits for a free connection (or for a new one to open, or for its
+    /// turn to write) before it fails as unavailable.
+    pub wait_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    /// Eight connections, five seconds' wait.
+    fn default() -> Self {
+        Self {
+            max_connections: 8,
+            wait_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why a store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The url does not start with `<scheme>://`.
+    #[error("database url has no scheme; expected sqlite://<path> or postgres://<server>")]
+    MissingScheme,
+    /// The url names a database this service cannot talk to.
+    #[error(
+        "unsupported database url scheme {scheme:?}; expected sqlite://<path> or postgres://<server>"
+    )]
+    UnsupportedScheme {
+        /// The scheme found in the url (never the rest of it, which may hold a password).
+        scheme: String,
+    },
+    /// The url names PostgreSQL, whose backend is not built yet.
+    #[error("the postgresql backend is not available yet; use a sqlite://<path> url")]
+    PostgresNotAvailable,
+    /// The SQLite url is not `sqlite://<path>` with a usable path.
+    #[error("invalid sqlite url: {0}")]
+    InvalidSqliteUrl(&'static str),
+    /// The pool options cannot work.
+    #[error("invalid store options: {0}")]
+    InvalidOptions(&'static str),
+    /// The directory that should hold the database file could not be created.
+    #[error("cannot create database directory {}", path.display())]
+    CreateDirectory {
+        /// The directory.
+        path: PathBuf,
+        /// What the file system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The database could not be opened or its session settings could not be applied.
+    #[error("cannot open database {}", path.display())]
+    Connect {
+        /// The database file.
+        path: PathBuf,
+        /// What the driver said.
+        #[source]
+        source: diesel::ConnectionError,
+    },
+    /// A migration failed.
+    #[error("cannot apply database migrations")]
+    Migrate(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
+    /// The connection pool could not be built.
+    #[error("cannot build the connection pool")]
+    Pool(#[source] deadpool::managed::BuildError),
+    /// The freshly built pool could not hand out a working connection.
+    #[error("the new database pool does not answer")]
+    Check(#[source] domain::StoreError),
+    /// The blocking task that sets the database up failed.
+    #[error("database setup task failed")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+/// Opens the store named by `url` and applies its pending migrations.
+///
+/// `url` is `sqlite://<path>` (relative, as in `sqlite://data/callback-service.db`, or
+/// absolute, as in `sqlite:///var/lib/callback-service/db`); the file and its parent
+/// directory are created when missing. `postgres://` and `postgresql://` urls are
+/// recognised and refused until the PostgreSQL backend exists.
+pub async fn open(url: &str, options: &StoreOptions) -> Result<Arc<dyn ObjectStore>, OpenError> {
+    match DatabaseUrl::parse(url)? {
+        DatabaseUrl::Sqlite(path) => Ok(Arc::new(SqliteStore::open(path, options).await?)),
+        DatabaseUrl::Postgres => Err(OpenError::PostgresNotAvailable),
+    }
+}
+
+/// A database url, split by backend.
+#[derive(Debug, PartialEq, Eq)]
+enum DatabaseUrl {
+    /// `sqlite://<path>`.
+    Sqlite(PathBuf),
+    /// `postgres://…` or `postgresql://…`.
+    Postgres,
+}
+
+impl DatabaseUrl {
+    fn parse(url: &str) -> Result<Self, OpenError> {
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return Err(OpenError::MissingScheme);
+        };
+        // Only a plausible scheme is echoed back: a url without `://` in the expected place
+        // could put anything, a password included, before the first `://`.
+        let plausible = !scheme.is_empty()
+            && scheme.len() <= 32
+            && scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+        if !plausible {
+            return Err(OpenError::MissingScheme);
+        }
+        match scheme.to_ascii_lowercase().as_str() {
+            "sqlite" => Ok(Self::Sqlite(sqlite_path(rest)?)),
+            "postgres" | "postgresql" => Ok(Self::Postgres),
+            _ => Err(OpenError::UnsupportedScheme {
+                scheme: scheme.to_owned(),
+            }),
+        }
+    }
+}
+
+fn sqlite_path(rest: &str) -> Result<PathBuf, OpenError> {
+    if rest.is_empty() {
+        return Err(OpenError::InvalidSqliteUrl("it names no file"));
+    }
+    if rest == ":memory:" || rest.starts_with("file:") {
+        // An in-memory database would be a different, empty database on every pooled
+        // connection, and `file:` uri options would bypass the session settings.
+        return Err(OpenError::InvalidSqliteUrl(
+            "only a file path is supported, not :memory: or file: uris",
+        ));
+    }
+    if rest.contains('?') {
+        return Err(OpenError::InvalidSqliteUrl(
+            "options after '?' are not supported",
+        ));
+    }
+    if rest.ends_with('/') {
+        return Err(OpenError::InvalidSqliteUrl(
+            "it names a directory, not a file",
+        ));
+    }
+    Ok(PathBuf::from(rest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_urls_give_relative_and_absolute_paths() {
+        assert_eq!(
+            DatabaseUrl::parse("sqlite://data/callback-service.db").unwrap(),
+            DatabaseUrl::Sqlite(PathBuf::from("data/callback-service.db"))
+        );
+        assert_eq!(
+            DatabaseUrl::parse("sqlite:///tmp/x.db").unwrap(),
+            DatabaseUrl::Sqlite(PathBuf::from("/tmp/x.db"))
+        );
+        assert_eq!(
+            DatabaseUrl::parse("SQLite://x.db").unwrap(),
+            DatabaseUrl::Sqlite(PathBuf::from("x.db"))
+        );
+    }
+
+    #[test]
+    fn postgres_urls_are_recognised() {
+        for url in [
+            "postgres://postgres@127.0.0.1:5432/postgres",
+            "postgresql://u:secret@db/app",
+        ] {
+            assert_eq!(DatabaseUrl::parse(url).unwrap(), DatabaseUrl::Postgres);
+        }
+    }
+
+    #[test]
+    fn bad_urls_name_the_scheme_but_never_the_rest() {
+        let err = DatabaseUrl::parse("mysql://root:hunter2@db/app").unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("\"mysql\""), "{message}");
+        assert!(!message.contains("hunter2"), "{message}");
+
+        for url in ["data/x.db", "", "user:hunter2@host", "a b://x", "://x"] {
+            let err = DatabaseUrl::parse(url).unwrap_err();
+            assert!(matches!(err, OpenError::MissingScheme), "{url:?}: {err}");
+            assert!(!err.to_string().contains("hunter2"));
+        }
+    }
+
+    #[test]
+    fn sqlite_urls_must_name_a_file() {
+        for url in [
+            "sqlite://",
+            "sqlite://:memory:",
+            "sqlite://file:x.db?mode=memory",
+            "sqlite://x.db?mode=rwc",
+            "sqlite://data/",
+        ] {
+            assert!(
+                matches!(DatabaseUrl::parse(url), Err(OpenError::InvalidSqliteUrl(_))),
+                "{url:?} should be refused"
+            );
+        }
+    }
+}

@@ -1,0 +1,453 @@
+//! The embedded SQLite store: diesel's SQLite backend behind diesel-async's
+//! `SyncConnectionWrapper`, pooled by deadpool.
+
+mod schema;
+mod write;
+
+use std::fmt;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use diesel::prelude::*;
+use diesel::result::{ConnectionError, DatabaseErrorKind};
+use diesel::sql_types::Integer;
+use diesel::sqlite::{Sqlite, SqliteConnection};
+use diesel_async::RunQueryDsl;
+use diesel_async::pooled_connection::deadpool::{Object, Pool, PoolError};
+use diesel_async::pooled_connection::{
+    AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
+};
+use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use domain::{BoxFuture, ObjectId, ObjectStore, StoreError, StoredObject, Timestamp};
+use tracing::Instrument;
+
+use self::schema::objects;
+use crate::{OpenError, StoreOptions};
+
+/// The migrations of the SQLite backend, compiled into the binary.
+const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+
+/// The session settings of every connection, applied in [`connect`] and nowhere else.
+///
+/// `busy_timeout` (how long a statement waits for another writer's lock before it fails
+/// as unavailable) comes first, so the statements after it already wait for locks.
+/// `synchronous = FULL` syncs the write-ahead log at every commit: an accepted write
+/// survives `kill -9` and power loss, not only a crash of the process.
+const SESSION_SETTINGS: &str = concat!(
+    "PRAGMA busy_timeout = 5000;",
+    "PRAGMA journal_mode = WAL;",
+    "PRAGMA synchronous = FULL;",
+    "PRAGMA foreign_keys = ON;",
+);
+
+type AsyncSqlite = SyncConnectionWrapper<SqliteConnection>;
+
+/// The [`ObjectStore`] on an embedded SQLite database file.
+///
+/// Every call runs on its own tokio task with a pooled connection, so a caller that gives
+/// up (a timeout, a dropped request) never leaves a statement or a transaction half done
+/// and never blocks a runtime thread while diesel-async waits for the abandoned query.
+/// Writes from this process take turns on an async lock instead of spinning in SQLite's
+/// busy handler; `busy_timeout` still covers other processes that open the same file.
+pub struct SqliteStore {
+    pool: Pool<AsyncSqlite>,
+    writes: Arc<tokio::sync::Mutex<()>>,
+    wait_timeout: Duration,
+    path: PathBuf,
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .field("pool", &self.pool.status())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether a call writes, and so must take its turn on the write lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Read,
+    Write,
+}
+
+impl SqliteStore {
+    /// Opens (creating it and its directory if missing) the database file at `path` and
+    /// applies the pending migrations.
+    pub async fn open(path: impl Into<PathBuf>, options: &StoreOptions) -> Result<Self, OpenError> {
+        let path = path.into();
+        if options.max_connections == 0 {
+            return Err(OpenError::InvalidOptions(
+                "max_connections must be at least 1",
+            ));
+        }
+        let Some(url) = path.to_str().map(str::to_owned) else {
+            return Err(OpenError::InvalidSqliteUrl("the path is not valid utf-8"));
+        };
+
+        let prepare_path = path.clone();
+        let applied = tokio::task::spawn_blocking(move || prepare(&prepare_path))
+            .await
+            .map_err(OpenError::Task)??;
+
+        let mut config = ManagerConfig::<AsyncSqlite>::default();
+        // A local file does not drop connections: checking out needs no round trip, only
+        // the check for a transaction left open that diesel-async always makes.
+        config.recycling_method = RecyclingMethod::Fast;
+        config.custom_setup = Box::new(|url: &str| {
+            let url = url.to_owned();
+            Box::pin(async move {
+                let conn = tokio::task::spawn_blocking(move || connect(&url))
+                    .await
+                    .map_err(|err| {
+                        ConnectionError::BadConnection(format!(
+                            "connection setup task failed: {err}"
+                        ))
+                    })??;
+                Ok(SyncConnectionWrapper::new(conn))
+            })
+        });
+        let manager = AsyncDieselConnectionManager::new_with_config(url, config);
+        let pool = Pool::builder(manager)
+            .max_size(options.max_connections)
+            .wait_timeout(Some(options.wait_timeout))
+            .create_timeout(Some(options.wait_timeout))
+            .runtime(deadpool::Runtime::Tokio1)
+            .build()
+            .map_err(OpenError::Pool)?;
+
+        let store = Self {
+            pool,
+            writes: Arc::new(tokio::sync::Mutex::new(())),
+            wait_timeout: options.wait_timeout,
+            path,
+        };
+        store.ping_database().await.map_err(OpenError::Check)?;
+        tracing::info!(
+            path = %store.path.display(),
+            max_connections = options.max_connections,
+            migrations_applied = ?applied,
+            "sqlite store opened"
+        );
+        Ok(store)
+    }
+
+    /// Runs `op` with a pooled connection on a task of its own and waits for its result.
+    ///
+    /// The task owns the connection: if the caller stops waiting, the operation still
+    /// finishes (or rolls back) and the connection goes back to the pool clean.
+    async fn run<T, F, Fut>(&self, access: Access, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Object<AsyncSqlite>) -> Fut + Send + 'static,
+        Fut: Future<Output = QueryResult<T>> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        let writes = Arc::clone(&self.writes);
+        let wait_timeout = self.wait_timeout;
+        let task = tokio::spawn(
+            async move {
+                let _turn = match access {
+                    Access::Read => None,
+                    Access::Write => Some(
+                        tokio::time::timeout(wait_timeout, writes.lock_owned())
+                            .await
+                            .map_err(|_| {
+                                StoreError::Unavailable(format!(
+                                    "timed out after {wait_timeout:?} waiting for the write lock"
+                                ))
+                            })?,
+                    ),
+                };
+                let conn = pool.get().await.map_err(pool_error)?;
+                op(conn).await.map_err(query_error)
+            }
+            .in_current_span(),
+        );
+        match task.await {
+            Ok(result) => result,
+            Err(err) => match err.try_into_panic() {
+                // A panic inside the operation is the caller's panic, as if it ran inline.
+                Ok(panic) => std::panic::resume_unwind(panic),
+                Err(err) => Err(StoreError::Unavailable(format!("store task failed: {err}"))),
+            },
+        }
+    }
+
+    #[tracing::instrument(level = "debug", name = "sqlite.upsert_seen", skip_all, fields(rows = batch.len()))]
+    async fn upsert(&self, batch: &[StoredObject]) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<write::Row> = batch.iter().map(write::Row::from).collect();
+        self.run(Access::Write, move |mut conn| async move {
+            conn.spawn_blocking(move |conn| write::upsert(conn, &rows))
+                .await
+        })
+        .await
+    }
+
+    #[tracing::instrument(level = "debug", name = "sqlite.delete_expired", skip_all, fields(cutoff = cutoff.as_unix_micros(), limit, deleted = tracing::field::Empty))]
+    async fn delete_due(&self, cutoff: Timestamp, limit: usize) -> Result<u64, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let deleted = self
+            .run(Access::Write, move |mut conn| async move {
+                // `DELETE … WHERE id IN (SELECT id … ORDER BY expires_at LIMIT ?)`: the
+                // subquery reads the same table, which diesel wants under an alias.
+                let due_rows = diesel::alias!(objects as due);
+                let due = due_rows
+                    .select(due_rows.field(objects::id))
+                    .filter(
+                        due_rows
+                            .field(objects::expires_at)
+                            .le(cutoff.as_unix_micros()),
+                    )
+                    .order(due_rows.field(objects::expires_at).asc())
+                    .limit(limit);
+                diesel::delete(objects::table.filter(objects::id.eq_any(due)))
+                    .execute(&mut conn)
+                    .await
+            })
+            .await?;
+        tracing::Span::current().record("deleted", deleted);
+        Ok(u64::try_from(deleted).unwrap_or(u64::MAX))
+    }
+
+    #[tracing::instrument(level = "debug", name = "sqlite.next_expiry", skip_all)]
+    async fn earliest_expiry(&self) -> Result<Option<Timestamp>, StoreError> {
+        let earliest = self
+            .run(Access::Read, |mut conn| async move {
+                objects::table
+                    .select(diesel::dsl::min(objects::expires_at))
+                    .get_result::<Option<i64>>(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(earliest.map(Timestamp::from_unix_micros))
+    }
+
+    #[tracing::instrument(level = "debug", name = "sqlite.get", skip_all, fields(object_id = id.get()))]
+    async fn get_live(
+        &self,
+        id: ObjectId,
+        now: Timestamp,
+    ) -> Result<Option<StoredObject>, StoreError> {
+        let row = self
+            .run(Access::Read, move |mut conn| async move {
+                objects::table
+                    .find(id.get())
+                    .filter(objects::expires_at.gt(now.as_unix_micros()))
+                    .select(ObjectRow::as_select())
+                    .get_result(&mut conn)
+                    .await
+                    .optional()
+            })
+            .await?;
+        row.map(ObjectRow::into_domain).transpose()
+    }
+
+    #[tracing::instrument(level = "debug", name = "sqlite.list", skip_all, fields(after = after.map(ObjectId::get), limit))]
+    async fn list_live(
+        &self,
+        now: Timestamp,
+        after: Option<ObjectId>,
+        limit: usize,
+    ) -> Result<Vec<StoredObject>, StoreError> {
+        // Ids are never negative, so "no cursor" is "after -1": one statement shape, which
+        // diesel prepares once per connection and caches.
+        let after = after.map_or(-1, ObjectId::get);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self
+            .run(Access::Read, move |mut conn| async move {
+                objects::table
+                    .filter(objects::id.gt(after))
+                    .filter(objects::expires_at.gt(now.as_unix_micros()))
+                    .order(objects::id.asc())
+                    .limit(limit)
+                    .select(ObjectRow::as_select())
+                    .load(&mut conn)
+                    .await
+            })
+            .await?;
+        rows.into_iter().map(ObjectRow::into_domain).collect()
+    }
+
+    #[tracing::instrument(level = "debug", name = "sqlite.ping", skip_all)]
+    async fn ping_database(&self) -> Result<(), StoreError> {
+        let one = self
+            .run(Access::Read, |mut conn| async move {
+                diesel::select(1_i32.into_sql::<Integer>())
+                    .get_result::<i32>(&mut conn)
+                    .await
+            })
+            .await?;
+        if one == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::Query(format!("SELECT 1 answered {one}")))
+        }
+    }
+}
+
+impl ObjectStore for SqliteStore {
+    fn upsert_seen<'a>(
+        &'a self,
+        batch: &'a [StoredObject],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.upsert(batch))
+    }
+
+    fn delete_expired(
+        &self,
+        cutoff: Timestamp,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(self.delete_due(cutoff, limit))
+    }
+
+    fn next_expiry(&self) -> BoxFuture<'_, Result<Option<Timestamp>, StoreError>> {
+        Box::pin(self.earliest_expiry())
+    }
+
+    fn get(
+        &self,
+        id: ObjectId,
+        now: Timestamp,
+    ) -> BoxFuture<'_, Result<Option<StoredObject>, StoreError>> {
+        Box::pin(self.get_live(id, now))
+    }
+
+    fn list(
+        &self,
+        now: Timestamp,
+        after: Option<ObjectId>,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<StoredObject>, StoreError>> {
+        Box::pin(self.list_live(now, after, limit))
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(self.ping_database())
+    }
+}
+
+/// One row of `objects` as read.
+#[derive(Debug, Queryable, Selectable)]
+#[diesel(table_name = objects, check_for_backend(Sqlite))]
+struct ObjectRow {
+    id: i64,
+    last_seen: i64,
+    expires_at: i64,
+}
+
+impl ObjectRow {
+    fn into_domain(self) -> Result<StoredObject, StoreError> {
+        let id = ObjectId::new(self.id)
+            .map_err(|err| StoreError::Query(format!("stored object id {}: {err}", self.id)))?;
+        Ok(StoredObject {
+            id,
+            last_seen: Timestamp::from_unix_micros(self.last_seen),
+            expires_at: Timestamp::from_unix_micros(self.expires_at),
+        })
+    }
+}
+
+/// Opens a connection to the database file at `path` and applies [`SESSION_SETTINGS`]:
+/// the one setup hook of every connection, pooled or not.
+fn connect(path: &str) -> ConnectionResult<SqliteConnection> {
+    use diesel::connection::SimpleConnection;
+
+    let mut conn = SqliteConnection::establish(path)?;
+    conn.batch_execute(SESSION_SETTINGS)
+        .map_err(ConnectionError::CouldntSetupConfiguration)?;
+    Ok(conn)
+}
+
+/// Creates the directory and the file if missing and applies the pending migrations;
+/// returns the versions it applied. Blocking.
+fn prepare(path: &Path) -> Result<Vec<String>, OpenError> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|source| OpenError::CreateDirectory {
+            path: parent.to_owned(),
+            source,
+        })?;
+    }
+    let connect_error = |source| OpenError::Connect {
+        path: path.to_owned(),
+        source,
+    };
+    let url = path
+        .to_str()
+        .ok_or(OpenError::InvalidSqliteUrl("the path is not valid utf-8"))?;
+    let mut conn = connect(url).map_err(connect_error)?;
+    let applied = conn
+        .run_pending_migrations(MIGRATIONS)
+        .map_err(OpenError::Migrate)?;
+    Ok(applied.iter().map(ToString::to_string).collect())
+}
+
+/// Maps a failure to get a pooled connection: the database is unavailable.
+fn pool_error(err: PoolError) -> StoreError {
+    use deadpool::managed::PoolError as E;
+    use diesel_async::pooled_connection::PoolError as Backend;
+
+    match err {
+        E::Timeout(_) => {
+            StoreError::Unavailable("timed out waiting for a database connection".into())
+        }
+        E::Backend(Backend::ConnectionError(err)) => {
+            StoreError::Unavailable(format!("cannot connect: {err}"))
+        }
+        E::Backend(Backend::QueryError(err)) => {
+            StoreError::Unavailable(format!("connection check failed: {err}"))
+        }
+        E::Closed => StoreError::Unavailable("the connection pool is closed".into()),
+        E::PostCreateHook(err) => {
+            StoreError::Unavailable(format!("connection setup failed: {err}"))
+        }
+        E::NoRuntimeSpecified => {
+            StoreError::Query("the connection pool has no runtime for its timeouts".into())
+        }
+    }
+}
+
+/// Maps a diesel error: lock contention, I/O trouble and lost connections mean the
+/// database is unavailable (try again later); anything else is a query error.
+fn query_error(err: diesel::result::Error) -> StoreError {
+    if is_unavailable(&err) {
+        StoreError::Unavailable(err.to_string())
+    } else {
+        StoreError::Query(err.to_string())
+    }
+}
+
+fn is_unavailable(err: &diesel::result::Error) -> bool {
+    // SQLite's own wording (sqlite3_errstr), which is all diesel keeps of the error code:
+    // SQLITE_BUSY and SQLITE_LOCKED ("database is locked", "database table is locked"),
+    // SQLITE_CANTOPEN, SQLITE_IOERR, SQLITE_FULL and SQLITE_READONLY.
+    const UNAVAILABLE: [&str; 5] = [
+        "is locked",
+        "unable to open database file",
+        "disk I/O error",
+        "database or disk is full",
+        "readonly database",
+    ];
+    match err {
+        diesel::result::Error::DatabaseError(
+            DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
+            _,
+        ) => true,
+        diesel::result::Error::DatabaseError(_, info) => {
+            let message = info.message();
+            UNAVAILABLE.iter().any(|needle| message.contains(needle))
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests;
