@@ -1,1 +1,544 @@
-//! placeholder
+//! The reqwest adapter of the [`ObjectSource`] port: asks the upstream API about one
+//! object, `GET {base_url}/objects/{id}` → `{"id":N,"online":bool}`.
+//!
+//! One [`reqwest::Client`] (and so one keep-alive connection pool) serves every fetch.
+//! Transient failures (connect errors, timeouts, 5xx, 429) are retried with exponential
+//! backoff and jitter until the next attempt could no longer finish within the retry
+//! deadline; everything else is returned at once. See [`UpstreamConfig`].
+
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use domain::{BoxFuture, FetchError, ObjectId, ObjectSource, ObjectStatus};
+use reqwest::{StatusCode, Url, header};
+use serde::Deserialize;
+use tokio::time::Instant;
+
+/// The largest answer body accepted; anything longer is [`FetchError::Malformed`].
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// How much of a malformed body is quoted in the error message.
+const BODY_PREFIX_CHARS: usize = 64;
+
+/// How the upstream is reached and how hard we try.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    /// Where the upstream API lives, e.g. `http://127.0.0.1:9010`; `/objects/{id}` is appended.
+    pub base_url: String,
+    /// The bound on one attempt, from connecting until the whole body is read.
+    pub request_timeout: Duration,
+    /// The bound on establishing a TCP connection.
+    pub connect_timeout: Duration,
+    /// The bound on all attempts for one id together: a retry is started only when it can
+    /// run for its full `request_timeout` before this much time has passed since the first.
+    pub retry_deadline: Duration,
+    /// The pause before the first retry; it doubles after each one.
+    pub retry_min_delay: Duration,
+    /// The longest base pause between attempts (jitter adds up to as much again).
+    pub retry_max_delay: Duration,
+    /// How many idle keep-alive connections to the upstream the pool keeps.
+    pub max_idle_per_host: usize,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "http://127.0.0.1:9010".to_owned(),
+            // The upstream answers within 4 s at worst.
+            request_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(1),
+            retry_deadline: Duration::from_secs(15),
+            retry_min_delay: Duration::from_millis(100),
+            retry_max_delay: Duration::from_secs(2),
+            max_idle_per_host: 128,
+        }
+    }
+}
+
+/// Why an [`HttpObjectSource`] could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    /// `base_url` is not an `http://` URL this adapter can use.
+    #[error("invalid upstream base url {url:?}: {reason}")]
+    InvalidBaseUrl {
+        /// The URL as configured.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A setting is out of range.
+    #[error("invalid upstream setting {key}: {reason}")]
+    InvalidSetting {
+        /// The [`UpstreamConfig`] field.
+        key: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The HTTP client could not be built.
+    #[error("cannot build the upstream http client: {0}")]
+    Client(String),
+}
+
+/// Asks the upstream API over HTTP, through one shared connection pool.
+#[derive(Debug, Clone)]
+pub struct HttpObjectSource {
+    client: reqwest::Client,
+    /// `{base_url}/objects/`, ready for the id to be appended.
+    objects_prefix: String,
+    request_timeout: Duration,
+    retry_deadline: Duration,
+    backoff: ExponentialBuilder,
+}
+
+impl HttpObjectSource {
+    /// Validates `config` and builds the client and its connection pool.
+    pub fn new(config: UpstreamConfig) -> Result<Self, UpstreamError> {
+        let objects_prefix = objects_prefix(&config.base_url)?;
+        for (key, value) in [
+            ("request_timeout", config.request_timeout),
+            ("connect_timeout", config.connect_timeout),
+            ("retry_deadline", config.retry_deadline),
+        ] {
+            if value.is_zero() {
+                return Err(UpstreamError::InvalidSetting {
+                    key,
+                    reason: "must be greater than zero".to_owned(),
+                });
+            }
+        }
+        if config.retry_min_delay > config.retry_max_delay {
+            return Err(UpstreamError::InvalidSetting {
+                key: "retry_min_delay",
+                reason: format!(
+                    "{:?} must not exceed retry_max_delay {:?}",
+                    config.retry_min_delay, config.retry_max_delay
+                ),
+            });
+        }
+        let client = reqwest::Client::builder()
+            .timeout(config.request_timeout)
+            .connect_timeout(config.connect_timeout)
+            .pool_max_idle_per_host(config.max_idle_per_host)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_keepalive(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            .no_proxy()
+            .user_agent(concat!("callback-service/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|err| UpstreamError::Client(error_chain(&err)))?;
+        let backoff = ExponentialBuilder::new()
+            .with_min_delay(config.retry_min_delay)
+            .with_max_delay(config.retry_max_delay)
+            .with_jitter()
+            // The deadline, checked in `next_delay`, is what ends the retries.
+            .without_max_times();
+        Ok(Self {
+            client,
+            objects_prefix,
+            request_timeout: config.request_timeout,
+            retry_deadline: config.retry_deadline,
+            backoff,
+        })
+    }
+
+    /// Fetches `id`, retrying transient failures until the deadline.
+    #[tracing::instrument(name = "upstream.fetch", skip_all, fields(object_id = %id))]
+    async fn fetch_with_retries(&self, id: ObjectId) -> Result<ObjectStatus, FetchError> {
+        let started = Instant::now();
+        let mut attempts = 0u32;
+        let result = (|| {
+            attempts += 1;
+            self.attempt(id)
+        })
+        .retry(self.backoff)
+        .when(|failure: &Failure| failure.error.is_transient())
+        .adjust(|failure, backoff| {
+            next_delay(
+                started.elapsed(),
+                backoff,
+                failure.retry_after,
+                self.request_timeout,
+                self.retry_deadline,
+            )
+        })
+        .notify(|failure, delay| {
+            tracing::debug!(error = %failure.error, retry_in = ?delay, "upstream attempt failed; retrying");
+        })
+        .await;
+        match &result {
+            Ok(status) => {
+                tracing::debug!(online = status.online, attempts, "upstream answered");
+            }
+            Err(failure) => {
+                tracing::debug!(error = %failure.error, attempts, elapsed = ?started.elapsed(), "upstream fetch failed");
+            }
+        }
+        result.map_err(|failure| failure.error)
+    }
+
+    /// One request, its answer checked and parsed.
+    async fn attempt(&self, id: ObjectId) -> Result<ObjectStatus, Failure> {
+        let url = format!("{}{}", self.objects_prefix, id);
+        let mut response = self
+            .client
+            .get(url)
+            .header(header::ACCEPT, "application/json")
+            .send()
+            .await
+            .map_err(|err| self.transport_failure(&err))?;
+        let status = response.status();
+        if status != StatusCode::OK {
+            let retry_after = match status {
+                StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => response
+                    .headers()
+                    .get(header::RETRY_AFTER)
+                    .and_then(|value| value.to_str().ok())
+                    .and_then(parse_retry_after),
+                _ => None,
+            };
+            // Read a small error body to the end so the connection can go back to the pool.
+            if response
+                .content_length()
+                .is_some_and(|len| len <= MAX_BODY_BYTES as u64)
+            {
+                let _ = response.bytes().await;
+            }
+            return Err(Failure {
+                error: FetchError::Status(status.as_u16()),
+                retry_after,
+            });
+        }
+        if let Some(len) = response.content_length()
+            && len > MAX_BODY_BYTES as u64
+        {
+            return Err(Failure::from(FetchError::Malformed(format!(
+                "body of {len} bytes exceeds the limit of {MAX_BODY_BYTES}"
+            ))));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|err| self.transport_failure(&err))?
+        {
+            if body.len() + chunk.len() > MAX_BODY_BYTES {
+                return Err(Failure::from(FetchError::Malformed(format!(
+                    "body exceeds the limit of {MAX_BODY_BYTES} bytes"
+                ))));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        parse_answer(id, &body).map_err(Failure::from)
+    }
+
+    /// Maps a reqwest error (while connecting, sending or reading) to a [`FetchError`].
+    fn transport_failure(&self, err: &reqwest::Error) -> Failure {
+        // A connect timeout is a connect error: reporting it as the request timeout would
+        // point the operator at the wrong setting.
+        let error = if err.is_connect() {
+            FetchError::Unreachable(error_chain(err))
+        } else if err.is_timeout() {
+            FetchError::Timeout(self.request_timeout)
+        } else {
+            FetchError::Unreachable(error_chain(err))
+        };
+        Failure::from(error)
+    }
+}
+
+impl ObjectSource for HttpObjectSource {
+    fn fetch(&self, id: ObjectId) -> BoxFuture<'_, Result<ObjectStatus, FetchError>> {
+        Box::pin(self.fetch_with_retries(id))
+    }
+}
+
+/// One failed attempt: the error, and how long the upstream asked us to wait, if it did.
+#[derive(Debug)]
+struct Failure {
+    error: FetchError,
+    retry_after: Option<Duration>,
+}
+
+impl From<FetchError> for Failure {
+    fn from(error: FetchError) -> Self {
+        Self {
+            error,
+            retry_after: None,
+        }
+    }
+}
+
+/// The pause before the next attempt, or `None` when it could not finish by the deadline.
+///
+/// `backoff` is the backoff's proposal (`None` when it is exhausted); a `Retry-After`
+/// longer than it wins.
+fn next_delay(
+    elapsed: Duration,
+    backoff: Option<Duration>,
+    retry_after: Option<Duration>,
+    request_timeout: Duration,
+    deadline: Duration,
+) -> Option<Duration> {
+    let backoff = backoff?;
+    let delay = retry_after.map_or(backoff, |asked| asked.max(backoff));
+    let next_attempt_ends = elapsed.checked_add(delay)?.checked_add(request_timeout)?;
+    (next_attempt_ends <= deadline).then_some(delay)
+}
+
+/// Parses a `Retry-After` given in seconds; the HTTP-date form is not honoured.
+fn parse_retry_after(value: &str) -> Option<Duration> {
+    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// The upstream's answer as the contract describes it; unknown fields are ignored.
+#[derive(Debug, Deserialize)]
+struct Answer {
+    id: i64,
+    online: bool,
+}
+
+/// Parses and checks an answer body about `asked`.
+fn parse_answer(asked: ObjectId, body: &[u8]) -> Result<ObjectStatus, FetchError> {
+    let malformed = |reason: &dyn std::fmt::Display| {
+        let text = String::from_utf8_lossy(body);
+        let prefix: String = text.chars().take(BODY_PREFIX_CHARS).collect();
+        let ellipsis = if prefix.len() < text.len() { "…" } else { "" };
+        FetchError::Malformed(format!("{reason}; body starts with {prefix:?}{ellipsis}"))
+    };
+    // serde would also accept `[4,true]` for a struct; the contract promises an object.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(malformed(&"expected a json object"));
+    }
+    let answer: Answer = serde_json::from_slice(body).map_err(|err| malformed(&err))?;
+    if answer.id != asked.get() {
+        return Err(FetchError::IdMismatch {
+            asked,
+            got: answer.id,
+        });
+    }
+    Ok(ObjectStatus {
+        id: asked,
+        online: answer.online,
+    })
+}
+
+/// Checks `base_url` and returns `{base_url}/objects/`.
+fn objects_prefix(base_url: &str) -> Result<String, UpstreamError> {
+    let invalid = |reason: &str| UpstreamError::InvalidBaseUrl {
+        url: base_url.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let url = Url::parse(base_url).map_err(|err| invalid(&err.to_string()))?;
+    match url.scheme() {
+        "http" => {}
+        // reqwest is built without a TLS stack (see the workspace manifest).
+        "https" => return Err(invalid("https is not supported by this build, use http")),
+        other => return Err(invalid(&format!("scheme must be http, got {other:?}"))),
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(invalid("a host is required"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(invalid("must not have a query or a fragment"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(invalid("must not carry credentials"));
+    }
+    Ok(format!("{}/objects/", url.as_str().trim_end_matches('/')))
+}
+
+/// An error and its sources, joined by `: `, without the URL reqwest adds.
+fn error_chain(err: &reqwest::Error) -> String {
+    use std::error::Error as _;
+    let mut text = match err.url() {
+        Some(_) => {
+            let mut owned = String::new();
+            // reqwest's Display ends with " for url (...)"; keep the kind of error only.
+            let display = err.to_string();
+            owned.push_str(display.split(" for url (").next().unwrap_or(&display));
+            owned
+        }
+        None => err.to_string(),
+    };
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(raw: i64) -> ObjectId {
+        ObjectId::new(raw).unwrap()
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_retry_is_started_only_when_it_can_finish_by_the_deadline() {
+        let timeout = 200 * MS;
+        let deadline = 1000 * MS;
+        // 300 + 100 + 200 = 600 <= 1000
+        assert_eq!(
+            next_delay(300 * MS, Some(100 * MS), None, timeout, deadline),
+            Some(100 * MS)
+        );
+        // 700 + 100 + 200 = 1000: exactly at the deadline is still fine.
+        assert_eq!(
+            next_delay(700 * MS, Some(100 * MS), None, timeout, deadline),
+            Some(100 * MS)
+        );
+        assert_eq!(
+            next_delay(701 * MS, Some(100 * MS), None, timeout, deadline),
+            None
+        );
+        assert_eq!(
+            next_delay(Duration::ZERO, None, None, timeout, deadline),
+            None
+        );
+    }
+
+    #[test]
+    fn retry_after_lengthens_the_pause_but_never_shortens_it() {
+        let timeout = 200 * MS;
+        let deadline = 5000 * MS;
+        assert_eq!(
+            next_delay(
+                Duration::ZERO,
+                Some(100 * MS),
+                Some(1000 * MS),
+                timeout,
+                deadline
+            ),
+            Some(1000 * MS)
+        );
+        assert_eq!(
+            next_delay(
+                Duration::ZERO,
+                Some(300 * MS),
+                Some(Duration::ZERO),
+                timeout,
+                deadline
+            ),
+            Some(300 * MS)
+        );
+        // Asked to wait past the deadline: give up now instead.
+        assert_eq!(
+            next_delay(
+                Duration::ZERO,
+                Some(100 * MS),
+                Some(60_000 * MS),
+                timeout,
+                deadline
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn retry_after_is_read_in_seconds_only() {
+        assert_eq!(parse_retry_after("2"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_retry_after(" 0 "), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(parse_retry_after("-1"), None);
+    }
+
+    #[test]
+    fn answers_are_parsed_and_checked() {
+        assert_eq!(
+            parse_answer(id(4), br#"{"id":4,"online":true,"extra":1}"#),
+            Ok(ObjectStatus {
+                id: id(4),
+                online: true
+            })
+        );
+        assert_eq!(
+            parse_answer(id(4), br#"{"id":5,"online":true}"#),
+            Err(FetchError::IdMismatch {
+                asked: id(4),
+                got: 5
+            })
+        );
+        for bad in [
+            &br#"{"id":4}"#[..],
+            br#"{"id":"4","online":true}"#,
+            br#"{"id":4,"online":"yes"}"#,
+            br#"[4,true]"#,
+            b"",
+            b"\xff\xfe",
+        ] {
+            let err = parse_answer(id(4), bad).unwrap_err();
+            assert!(matches!(err, FetchError::Malformed(_)), "{bad:?}: {err:?}");
+        }
+    }
+
+    #[test]
+    fn a_malformed_message_quotes_a_short_prefix_only() {
+        let body = format!("<html>{}</html>", "x".repeat(10_000));
+        let FetchError::Malformed(message) = parse_answer(id(1), body.as_bytes()).unwrap_err()
+        else {
+            panic!("expected malformed");
+        };
+        assert!(message.contains("<html>xxx"), "{message}");
+        assert!(
+            message.len() < 300,
+            "message too long: {} bytes",
+            message.len()
+        );
+    }
+
+    #[test]
+    fn base_urls_are_checked_and_the_bad_one_is_named() {
+        assert_eq!(
+            objects_prefix("http://127.0.0.1:9010").unwrap(),
+            "http://127.0.0.1:9010/objects/"
+        );
+        assert_eq!(
+            objects_prefix("http://upstream:9010/api/").unwrap(),
+            "http://upstream:9010/api/objects/"
+        );
+        for bad in [
+            "127.0.0.1:9010",
+            "ftp://upstream",
+            "https://upstream",
+            "http://upstream/?x=1",
+            "http://user:pw@upstream",
+            "not a url",
+        ] {
+            let err = HttpObjectSource::new(UpstreamConfig {
+                base_url: bad.to_owned(),
+                ..UpstreamConfig::default()
+            })
+            .unwrap_err();
+            assert!(
+                matches!(err, UpstreamError::InvalidBaseUrl { .. }),
+                "{bad}: {err:?}"
+            );
+            assert!(err.to_string().contains(bad), "{err} does not name {bad}");
+        }
+    }
+
+    #[test]
+    fn zero_timeouts_and_inverted_delays_are_rejected() {
+        let err = HttpObjectSource::new(UpstreamConfig {
+            request_timeout: Duration::ZERO,
+            ..UpstreamConfig::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("request_timeout"), "{err}");
+        let err = HttpObjectSource::new(UpstreamConfig {
+            retry_min_delay: Duration::from_secs(3),
+            ..UpstreamConfig::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("retry_min_delay"), "{err}");
+    }
+}
