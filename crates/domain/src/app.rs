@@ -129,6 +129,11 @@ impl Application {
         }
     }
 
+    /// The pipeline's counters, without touching the database.
+    pub fn stats(&self) -> PipelineStats {
+        self.pipeline.stats()
+    }
+
     /// The most recent ids whose processing failed, oldest first.
     pub fn recent_failures(&self) -> Vec<FailedFetch> {
         self.pipeline.recent_failures()

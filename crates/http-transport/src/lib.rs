@@ -1,1 +1,103 @@
-//! placeholder
+//! The HTTP face of callback-service: a hyper 1 server with routing, handlers, one error
+//! envelope, limits and a bounded graceful shutdown.
+//!
+//! Two listeners share the same machinery ([`server`]): the public API ([`serve`]) and the
+//! admin listener ([`serve_admin`]). Routes are declared in one place per listener
+//! (`api::router`, `admin::router`); every rejection goes through `error::ApiError`, which
+//! alone decides the status code and the `{"error","message"}` envelope.
+
+mod admin;
+mod api;
+mod callback;
+mod error;
+mod json;
+mod router;
+mod server;
+
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Limits and timeouts of the public HTTP listener.
+///
+/// Every limit is enforced by the server itself; none is left to a library default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpConfig {
+    /// The largest request body accepted, in bytes; larger bodies get `413`.
+    pub max_body_bytes: usize,
+    /// The most elements `object_ids` may have; more get `413`.
+    pub max_ids: usize,
+    /// How long a client may take to send a request's headers (HTTP/1) or its first
+    /// request (any protocol) before the connection is closed.
+    ///
+    /// hyper restarts this timer whenever an HTTP/1 connection waits for the next request,
+    /// so it also bounds how long an idle keep-alive connection is kept open.
+    pub header_read_timeout: Duration,
+    /// How long a client may take to send a request body once its headers arrived;
+    /// slower clients get `408`.
+    pub body_read_timeout: Duration,
+    /// The most connections open at once; accepting waits while the limit is reached.
+    pub max_connections: usize,
+    /// How long shutdown waits for in-flight requests before closing their connections.
+    pub shutdown_grace: Duration,
+    /// How often an idle HTTP/2 connection is pinged to find dead peers; `None` disables it.
+    pub http2_keep_alive_interval: Option<Duration>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1024 * 1024,
+            max_ids: 10_000,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            shutdown_grace: Duration::from_secs(10),
+            http2_keep_alive_interval: Some(Duration::from_secs(30)),
+        }
+    }
+}
+
+/// Serves the public API on `listener` until `shutdown` is cancelled, then drains.
+///
+/// Accept errors (for example running out of file descriptors) are logged and retried
+/// after a short pause; they never end the server. On shutdown the listener is closed at
+/// once, requests in flight get up to [`HttpConfig::shutdown_grace`] to finish, and the
+/// outcome is logged.
+pub async fn serve(
+    listener: TcpListener,
+    app: domain::Application,
+    config: HttpConfig,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let settings = server::Settings::from(&config);
+    let state = std::sync::Arc::new(api::ApiState::new(app, &config));
+    server::run("api", listener, api::router(), state, settings, shutdown).await
+}
+
+/// Serves the admin routes (`/failures`, `/stats`) on `listener` until `shutdown` is cancelled.
+///
+/// Meant for a loopback address; it uses the same server machinery as [`serve`] with
+/// smaller limits.
+pub async fn serve_admin(
+    listener: TcpListener,
+    app: domain::Application,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let settings = server::Settings {
+        max_connections: 256,
+        shutdown_grace: Duration::from_secs(5),
+        ..server::Settings::from(&HttpConfig::default())
+    };
+    let state = std::sync::Arc::new(admin::AdminState::new(app));
+    server::run(
+        "admin",
+        listener,
+        admin::router(),
+        state,
+        settings,
+        shutdown,
+    )
+    .await
+}

@@ -1,0 +1,270 @@
+//! A small router: path patterns with `{param}` segments, per-method handlers, `404`/`405`
+//! answers, one span per request and a panic barrier around every handler.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use domain::BoxFuture;
+use futures_util::FutureExt as _;
+use http::{HeaderValue, Method, Request, Version, header};
+use hyper::body::Incoming;
+
+use crate::error::ApiError;
+use crate::json::Reply;
+
+/// What a handler returns: a response, or an error [`ApiError::into_response`] will render.
+pub(crate) type HandlerResult = Result<Reply, ApiError>;
+
+type Handler<S> = Arc<
+    dyn Fn(S, Request<Incoming>, PathParams) -> BoxFuture<'static, HandlerResult> + Send + Sync,
+>;
+
+/// The values of a route's `{param}` segments.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct PathParams(Vec<(&'static str, String)>);
+
+impl PathParams {
+    /// The raw text of the segment named `name`.
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Segment {
+    Literal(&'static str),
+    Param(&'static str),
+}
+
+struct Route<S> {
+    pattern: &'static str,
+    segments: Vec<Segment>,
+    methods: Vec<(Method, Handler<S>)>,
+}
+
+/// The routes of one listener over a shared state `S`, cloned into every handler call.
+pub(crate) struct Router<S> {
+    routes: Vec<Route<S>>,
+}
+
+impl<S> std::fmt::Debug for Router<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut list = f.debug_list();
+        for route in &self.routes {
+            for (method, _) in &route.methods {
+                list.entry(&format_args!("{method} {}", route.pattern));
+            }
+        }
+        list.finish()
+    }
+}
+
+/// What a request resolves to.
+enum Resolved<'r, S> {
+    Found(&'r Handler<S>, PathParams),
+    MethodNotAllowed(String),
+    NotFound,
+}
+
+fn parse_pattern(pattern: &'static str) -> Vec<Segment> {
+    split_path(pattern)
+        .map(
+            |seg| match seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                Some(name) => Segment::Param(name),
+                None => Segment::Literal(seg),
+            },
+        )
+        .collect()
+}
+
+/// The segments of an absolute path: `/` has none, `/a/b` has `a` and `b`.
+fn split_path(path: &str) -> impl Iterator<Item = &str> {
+    let rest = path.strip_prefix('/').unwrap_or(path);
+    rest.split('/').filter(move |_| !rest.is_empty())
+}
+
+fn match_segments(segments: &[Segment], path: &str) -> Option<PathParams> {
+    let mut params = PathParams::default();
+    let mut parts = split_path(path);
+    for segment in segments {
+        let part = parts.next()?;
+        match *segment {
+            Segment::Literal(lit) if lit == part => {}
+            Segment::Literal(_) => return None,
+            Segment::Param(_) if part.is_empty() => return None,
+            Segment::Param(name) => params.0.push((name, part.to_owned())),
+        }
+    }
+    parts.next().is_none().then_some(params)
+}
+
+/// Request paths echoed in messages are cut to this many characters.
+const ECHO_MAX: usize = 128;
+
+impl<S: Clone + Send + Sync + 'static> Router<S> {
+    /// A router without routes: every request gets `404`.
+    pub(crate) fn new() -> Self {
+        Self { routes: Vec::new() }
+    }
+
+    /// Adds `handler` for `method` on `pattern` (`/objects/{id}`-style).
+    pub(crate) fn route<F, Fut>(mut self, method: Method, pattern: &'static str, handler: F) -> Self
+    where
+        F: Fn(S, Request<Incoming>, PathParams) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HandlerResult> + Send + 'static,
+    {
+        let handler: Handler<S> = Arc::new(move |state, req, params| {
+            Box::pin(handler(state, req, params)) as BoxFuture<'static, HandlerResult>
+        });
+        match self.routes.iter_mut().find(|r| r.pattern == pattern) {
+            Some(route) => route.methods.push((method, handler)),
+            None => self.routes.push(Route {
+                pattern,
+                segments: parse_pattern(pattern),
+                methods: vec![(method, handler)],
+            }),
+        }
+        self
+    }
+
+    fn resolve(&self, method: &Method, path: &str) -> Resolved<'_, S> {
+        for route in &self.routes {
+            let Some(params) = match_segments(&route.segments, path) else {
+                continue;
+            };
+            return match route.methods.iter().find(|(m, _)| m == method) {
+                Some((_, handler)) => Resolved::Found(handler, params),
+                None => Resolved::MethodNotAllowed(
+                    route
+                        .methods
+                        .iter()
+                        .map(|(m, _)| m.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                ),
+            };
+        }
+        Resolved::NotFound
+    }
+
+    /// Runs the handler `req` resolves to and renders its outcome; never fails.
+    ///
+    /// A panic in the handler is caught here and answered as `500 internal_error`; the
+    /// connection and the server keep working.
+    #[tracing::instrument(
+        name = "request",
+        level = "debug",
+        skip_all,
+        fields(method = %req.method(), path = %req.uri().path(), status = tracing::field::Empty)
+    )]
+    pub(crate) async fn dispatch(&self, state: S, req: Request<Incoming>) -> Reply {
+        let version = req.version();
+        let outcome = match self.resolve(req.method(), req.uri().path()) {
+            Resolved::Found(handler, params) => {
+                // The handler is called inside the barrier too, in case building its future panics.
+                let handler = Arc::clone(handler);
+                AssertUnwindSafe(async move { handler(state, req, params).await })
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|payload| Err(ApiError::panicked(&*payload)))
+            }
+            Resolved::MethodNotAllowed(allow) => Err(ApiError::MethodNotAllowed {
+                message: format!(
+                    "method {} is not allowed on {}; allowed: {allow}",
+                    req.method(),
+                    echo(req.uri().path())
+                ),
+                allow,
+            }),
+            Resolved::NotFound => Err(ApiError::NotFound(format!(
+                "no route for {}",
+                echo(req.uri().path())
+            ))),
+        };
+        let mut response = outcome.unwrap_or_else(ApiError::into_response);
+        if response.status() == http::StatusCode::PAYLOAD_TOO_LARGE && version <= Version::HTTP_11 {
+            // The rest of the body may still be on its way: do not read it, close instead.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        tracing::Span::current().record("status", response.status().as_u16());
+        tracing::debug!("answered");
+        response
+    }
+}
+
+/// `text`, cut to a length that is safe to echo back to the client.
+pub(crate) fn echo(text: &str) -> String {
+    match text.char_indices().nth(ECHO_MAX) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn router() -> Router<()> {
+        async fn nothing(_: (), _: Request<Incoming>, _: PathParams) -> HandlerResult {
+            Err(ApiError::NotFound("nothing".into()))
+        }
+        Router::new()
+            .route(Method::GET, "/", nothing)
+            .route(Method::GET, "/objects", nothing)
+            .route(Method::GET, "/objects/{id}", nothing)
+            .route(Method::POST, "/callback", nothing)
+            .route(Method::PUT, "/callback", nothing)
+    }
+
+    fn resolve(method: Method, path: &str) -> Result<PathParams, Option<String>> {
+        match router().resolve(&method, path) {
+            Resolved::Found(_, params) => Ok(params),
+            Resolved::MethodNotAllowed(allow) => Err(Some(allow)),
+            Resolved::NotFound => Err(None),
+        }
+    }
+
+    #[test]
+    fn literal_and_parameter_segments_match_exactly() {
+        assert_eq!(resolve(Method::GET, "/"), Ok(PathParams::default()));
+        assert_eq!(resolve(Method::GET, "/objects"), Ok(PathParams::default()));
+        let params = resolve(Method::GET, "/objects/42").unwrap();
+        assert_eq!(params.get("id"), Some("42"));
+        assert_eq!(params.get("other"), None);
+        for missing in [
+            "/objects/",
+            "/objects/1/2",
+            "//objects",
+            "/object",
+            "/callback/x",
+        ] {
+            assert_eq!(resolve(Method::GET, missing), Err(None), "{missing}");
+        }
+    }
+
+    #[test]
+    fn a_known_path_with_another_method_lists_the_allowed_ones() {
+        assert_eq!(
+            resolve(Method::GET, "/callback"),
+            Err(Some("POST, PUT".to_owned()))
+        );
+        assert_eq!(
+            resolve(Method::DELETE, "/objects/1"),
+            Err(Some("GET".to_owned()))
+        );
+        assert_eq!(resolve(Method::HEAD, "/"), Err(Some("GET".to_owned())));
+    }
+
+    #[test]
+    fn echoed_text_is_cut() {
+        assert_eq!(echo("/short"), "/short");
+        let long = "x".repeat(500);
+        assert_eq!(echo(&long).chars().count(), ECHO_MAX + 1);
+    }
+}

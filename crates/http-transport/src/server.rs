@@ -1,0 +1,238 @@
+//! The server machinery both listeners share: a capped accept loop, HTTP/1.1 and HTTP/2
+//! connections with timeouts, and a bounded graceful shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::{JoinError, JoinSet};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use crate::HttpConfig;
+use crate::router::Router;
+
+/// How long the accept loop pauses after an accept error (out of file descriptors, …).
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// How long an HTTP/2 keep-alive ping may go unanswered before the connection is closed.
+const HTTP2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The connection-level limits of one listener.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Settings {
+    pub(crate) header_read_timeout: Duration,
+    pub(crate) max_connections: usize,
+    pub(crate) shutdown_grace: Duration,
+    pub(crate) http2_keep_alive_interval: Option<Duration>,
+}
+
+impl From<&HttpConfig> for Settings {
+    fn from(config: &HttpConfig) -> Self {
+        Self {
+            header_read_timeout: config.header_read_timeout,
+            max_connections: config.max_connections,
+            shutdown_grace: config.shutdown_grace,
+            http2_keep_alive_interval: config.http2_keep_alive_interval,
+        }
+    }
+}
+
+fn connection_builder(settings: &Settings) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(settings.http2_keep_alive_interval)
+        .keep_alive_timeout(HTTP2_KEEP_ALIVE_TIMEOUT);
+    builder
+}
+
+/// Serves `router` on `listener` until `shutdown` is cancelled, then drains connections
+/// for at most `settings.shutdown_grace`.
+pub(crate) async fn run<S>(
+    name: &'static str,
+    listener: TcpListener,
+    router: Router<S>,
+    state: S,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> std::io::Result<()>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    let local = listener.local_addr()?;
+    tracing::info!(listener = name, %local, "listening");
+    let router = Arc::new(router);
+    let builder = connection_builder(&settings);
+    let limit = settings.max_connections.max(1);
+    let permits = Arc::new(Semaphore::new(limit));
+    let graceful = GracefulShutdown::new();
+    let mut connections = JoinSet::new();
+    let mut at_limit = false;
+
+    'accept: loop {
+        let permit = match Arc::clone(&permits).try_acquire_owned() {
+            Ok(permit) => {
+                at_limit = false;
+                permit
+            }
+            Err(_) => {
+                if !at_limit {
+                    tracing::warn!(
+                        listener = name,
+                        limit,
+                        "connection limit reached; new connections wait until one closes"
+                    );
+                    at_limit = true;
+                }
+                tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => break 'accept,
+                    permit = Arc::clone(&permits).acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_closed) => break 'accept,
+                    },
+                }
+            }
+        };
+
+        let (stream, peer) = loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break 'accept,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => break accepted,
+                    Err(err) if is_per_connection(&err) => {
+                        tracing::debug!(listener = name, error = %err, "a connection failed while being accepted");
+                    }
+                    Err(err) => {
+                        tracing::warn!(listener = name, error = %err, "accept failed; retrying shortly");
+                        tokio::select! {
+                            biased;
+                            () = shutdown.cancelled() => break 'accept,
+                            () = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => {}
+                        }
+                    }
+                },
+            }
+        };
+
+        while let Some(done) = connections.try_join_next() {
+            report_task(name, done);
+        }
+
+        if let Err(err) = stream.set_nodelay(true) {
+            tracing::debug!(%peer, error = %err, "could not set TCP_NODELAY");
+        }
+        let first_request = Arc::new(Notify::new());
+        let service = {
+            let router = Arc::clone(&router);
+            let state = state.clone();
+            let first_request = Arc::clone(&first_request);
+            service_fn(move |req| {
+                first_request.notify_one();
+                let router = Arc::clone(&router);
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(router.dispatch(state, req).await) }
+            })
+        };
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        let span = tracing::debug_span!("connection", listener = name, %peer);
+        connections.spawn(
+            drive_connection(conn, first_request, settings.header_read_timeout, permit)
+                .instrument(span),
+        );
+    }
+
+    drop(listener);
+    let open = limit - permits.available_permits();
+    tracing::info!(
+        listener = name,
+        open,
+        "stopped accepting; letting requests in flight finish"
+    );
+    match tokio::time::timeout(settings.shutdown_grace, graceful.shutdown()).await {
+        Ok(()) => tracing::info!(listener = name, "every connection drained"),
+        Err(_elapsed) => {
+            let left = limit - permits.available_permits();
+            tracing::warn!(
+                listener = name,
+                left,
+                grace = ?settings.shutdown_grace,
+                "gave up waiting for connections; closing them"
+            );
+            connections.abort_all();
+        }
+    }
+    while let Some(done) = connections.join_next().await {
+        report_task(name, done);
+    }
+    tracing::info!(listener = name, "server stopped");
+    Ok(())
+}
+
+/// Drives one connection to its end, closing it early when no request arrives in time.
+///
+/// hyper's own header read timeout only starts once HTTP/1 was recognised; this one also
+/// covers a client that sends nothing, or part of the HTTP/2 preface.
+async fn drive_connection<F, E>(
+    conn: F,
+    first_request: Arc<Notify>,
+    first_request_timeout: Duration,
+    _permit: OwnedSemaphorePermit,
+) where
+    F: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    tokio::pin!(conn);
+    let early = tokio::select! {
+        biased;
+        outcome = &mut conn => Some(outcome),
+        () = first_request.notified() => None,
+        () = tokio::time::sleep(first_request_timeout) => {
+            tracing::debug!("no request within the header read timeout; closing the connection");
+            return;
+        }
+    };
+    let outcome = match early {
+        Some(outcome) => outcome,
+        None => conn.await,
+    };
+    match outcome {
+        Ok(()) => tracing::debug!("connection closed"),
+        Err(err) => tracing::debug!(error = %err, "connection closed with an error"),
+    }
+}
+
+/// Whether an accept error concerns one connection only, so accepting can go on at once;
+/// anything else (out of file descriptors or memory, …) gets a pause first.
+fn is_per_connection(err: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        err.kind(),
+        ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset | ErrorKind::Interrupted
+    )
+}
+
+fn report_task(name: &'static str, done: Result<(), JoinError>) {
+    if let Err(err) = done
+        && err.is_panic()
+    {
+        tracing::error!(listener = name, error = %err, "a connection task panicked");
+    }
+}

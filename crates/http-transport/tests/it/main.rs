@@ -1,0 +1,8 @@
+//! End-to-end tests of the HTTP layer: a real server over the domain's fakes, real TCP.
+
+mod admin;
+mod callback;
+mod objects;
+mod routing;
+mod server;
+mod support;
