@@ -36,13 +36,16 @@ async fn stored_ids(service: &Service) -> anyhow::Result<BTreeSet<i64>> {
         .unwrap_or_default())
 }
 
-/// Waits until the pipeline has nothing pending and has fetched at least `fetches` ids.
-async fn wait_idle(service: &Service, fetches: u64) -> anyhow::Result<Value> {
+/// Waits until the pipeline has nothing pending, has fetched at least `fetches` ids and
+/// has written at least `stored` objects.
+async fn wait_idle(service: &Service, fetches: u64, stored: u64) -> anyhow::Result<Value> {
     eventually(WAIT, POLL, || async {
         let (_, stats) = get_json(&service.admin_url("/stats")).await?;
-        let started = stats["fetches_started"].as_u64().unwrap_or(0);
-        let pending = stats["pending_ids"].as_u64().unwrap_or(u64::MAX);
-        Ok((started >= fetches && pending == 0).then_some(stats))
+        let count = |key: &str| stats[key].as_u64().unwrap_or(0);
+        let idle = stats["pending_ids"] == 0
+            && count("fetches_started") >= fetches
+            && count("stored") >= stored;
+        Ok(idle.then_some(stats))
     })
     .await
 }
@@ -59,7 +62,7 @@ async fn even_ids_are_stored_with_a_fresh_last_seen_and_odd_ids_never() -> anyho
     assert_eq!(status, 202, "{body}");
     assert_eq!(body["accepted"], 5, "duplicates count once: {body}");
 
-    let stats = wait_idle(&service, 5).await?;
+    let stats = wait_idle(&service, 5, 3).await?;
     assert_eq!(stats["online"], 3, "{stats}");
     assert_eq!(stats["offline"], 2, "{stats}");
     let after = now_micros();
@@ -90,7 +93,7 @@ async fn rows_are_hidden_at_their_deadline_and_deleted_within_50_ms() -> anyhow:
 
     let (status, _) = post_callback(&service, &json!({"object_ids": [10, 12, 14]})).await?;
     assert_eq!(status, 202);
-    wait_idle(&service, 3).await?;
+    wait_idle(&service, 3, 3).await?;
     let (_, list) = get_json(&service.url("/objects")).await?;
     let deadlines: Vec<i64> = list["objects"]
         .as_array()

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::Parser;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -106,6 +106,8 @@ pub struct HttpSection {
     pub max_ids: usize,
     /// How long a client may take to send its request headers.
     pub header_read_timeout_ms: u64,
+    /// How long a client may take to send its request body.
+    pub body_read_timeout_ms: u64,
     /// Most open connections at once.
     pub max_connections: usize,
     /// How long shutdown waits for requests in flight.
@@ -119,6 +121,7 @@ impl Default for HttpSection {
             max_body_bytes: 1_048_576,
             max_ids: 10_000,
             header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 10_000,
             max_connections: 10_000,
             shutdown_grace_ms: 10_000,
         }
@@ -237,7 +240,7 @@ impl Config {
     pub fn load(flags: &Flags) -> anyhow::Result<Self> {
         Self::figment(flags)?
             .extract::<Config>()
-            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {}", describe(e)))
             .and_then(|config| config.validated())
     }
 
@@ -309,6 +312,27 @@ impl Config {
     }
 }
 
+/// Every problem figment found, each naming its key as `section.key` and where it came from.
+fn describe(errors: figment::Error) -> String {
+    errors
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".").to_lowercase();
+            let from = e
+                .metadata
+                .as_ref()
+                .map(|m| format!(" (from {})", m.name))
+                .unwrap_or_default();
+            if key.is_empty() {
+                format!("{}{from}", e.kind)
+            } else {
+                format!("{key}: {}{from}", e.kind)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// Hides the password of a `scheme://user:password@host/…` url.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -331,6 +355,10 @@ pub fn ms(value: u64) -> Duration {
 }
 
 #[cfg(test)]
+#[expect(
+    clippy::result_large_err,
+    reason = "figment::Jail closures must return figment::Error, which is large"
+)]
 mod tests {
     use super::*;
     use figment::Jail;
@@ -359,6 +387,7 @@ mod tests {
     #[test]
     fn later_sources_win_defaults_file_config_env_flags() {
         Jail::expect_with(|jail| {
+            std::fs::create_dir_all("config").map_err(|e| e.to_string())?;
             jail.create_file(
                 DEFAULT_FILE,
                 "[expiry]\nttl_ms = 1000\n[http]\nmax_ids = 5\n",

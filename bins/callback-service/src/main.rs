@@ -6,6 +6,7 @@
 
 mod config;
 
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -19,19 +20,35 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Flags, ms, redact_url};
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let flags = Flags::parse();
-    let config = Config::load(&flags)?;
-    let _telemetry = telemetry::init(&config.telemetry)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let config = match Config::load(&flags) {
+        Ok(config) => config,
+        Err(err) => {
+            // Plain text, no backtrace: a configuration mistake is not a bug.
+            eprintln!("callback-service: {err:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let _telemetry = match telemetry::init(&config.telemetry) {
+        Ok(guard) => guard,
+        Err(err) => {
+            eprintln!("callback-service: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("cannot start the tokio runtime")?;
-    let result = runtime.block_on(run(config));
-    if let Err(err) = &result {
-        tracing::error!(error = format!("{err:#}"), "callback-service failed");
+        .context("cannot start the tokio runtime")
+        .and_then(|runtime| runtime.block_on(run(config)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = format!("{err:#}"), "callback-service failed");
+            ExitCode::FAILURE
+        }
     }
-    result
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
@@ -105,6 +122,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         max_body_bytes: config.http.max_body_bytes,
         max_ids: config.http.max_ids,
         header_read_timeout: ms(config.http.header_read_timeout_ms),
+        body_read_timeout: ms(config.http.body_read_timeout_ms),
         max_connections: config.http.max_connections,
         shutdown_grace: ms(config.http.shutdown_grace_ms),
         ..http_transport::HttpConfig::default()
