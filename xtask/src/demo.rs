@@ -5,6 +5,7 @@
 //! prints the client's one-line reports and what the service stores, and stops both
 //! cleanly on Ctrl-C or after `--duration-s`.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -66,6 +67,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             None => std::future::pending().await,
         }
     };
+    let mut last_seen_ids = BTreeSet::new();
     let mut ticker = tokio::time::interval(Duration::from_secs(5));
     ticker.tick().await;
     tokio::pin!(stop_after);
@@ -75,7 +77,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             () = &mut stop_after => break "--duration-s elapsed",
             status = service.wait() => bail!("callback-service exited early: {status:?}"),
             status = client.wait() => bail!("client-service exited early: {status:?}"),
-            _ = ticker.tick() => print_store_summary().await,
+            _ = ticker.tick() => print_store_summary(&mut last_seen_ids).await,
         }
     };
     println!("demo: {reason}; stopping both services");
@@ -164,7 +166,8 @@ async fn wait_until_healthy(service: &mut Child) -> anyhow::Result<()> {
     bail!("callback-service did not become healthy within 30 s")
 }
 
-async fn print_store_summary() {
+/// Prints what the store holds now, and what appeared and expired since the last look.
+async fn print_store_summary(previous: &mut BTreeSet<i64>) {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build();

@@ -73,7 +73,7 @@ where
     S: Clone + Send + Sync + 'static,
 {
     let local = listener.local_addr()?;
-    tracing::info!(listener = name, %local, "listening");
+    tracing::debug!(listener = name, %local, "listening");
     let router = Arc::new(router);
     let builder = connection_builder(&settings);
     let limit = settings.max_connections.max(1);
