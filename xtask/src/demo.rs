@@ -183,15 +183,18 @@ async fn print_store_summary(previous: &mut BTreeSet<i64>) {
     let Ok(body) = response.json::<serde_json::Value>().await else {
         return;
     };
-    let ids: Vec<i64> = body["objects"]
+    let ids: BTreeSet<i64> = body["objects"]
         .as_array()
         .map(|objects| objects.iter().filter_map(|o| o["id"].as_i64()).collect())
         .unwrap_or_default();
     let odd = ids.iter().filter(|id| *id % 2 != 0).count();
+    let new = ids.difference(previous).count();
+    let expired = previous.difference(&ids).count();
     println!(
-        "store   | {} objects stored now (odd ids among them: {odd}); rows not seen again within the ttl expire",
+        "store   | {} objects stored now: {new} new, {expired} expired since the last look, {odd} odd",
         ids.len()
     );
+    *previous = ids;
 }
 
 async fn stop(child: &mut Child) -> anyhow::Result<std::process::ExitStatus> {
