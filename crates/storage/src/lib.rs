@@ -1,10 +1,14 @@
 //! diesel + diesel-async adapters of the [`domain::ObjectStore`] port.
 //!
 //! [`open`] reads a database url and returns the matching store with its migrations
-//! applied: `sqlite://<path>` gives the embedded [`SqliteStore`]; `postgres://…` is
-//! recognised but its backend is not built yet.
+//! applied: `sqlite://<path>` gives the embedded [`SqliteStore`], `postgres://…` and
+//! `postgresql://…` the production [`PgStore`]. With the `testing` feature,
+//! [`testing::TestDatabase`] gives tests a throwaway PostgreSQL database.
 
+mod postgres;
 mod sqlite;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,6 +16,7 @@ use std::time::Duration;
 
 use domain::ObjectStore;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 /// How a store's connection pool behaves.
@@ -19,17 +24,26 @@ pub use sqlite::SqliteStore;
 pub struct StoreOptions {
     /// The most connections the pool keeps open at once (at least 1).
     pub max_connections: usize,
-    /// How long a call waits for a free connection (or for a new one to open, or for its
-    /// turn to write) before it fails as unavailable.
+    /// How long a call waits for a free connection (SQLite: also for a new one to open,
+    /// or for its turn to write) before it fails as unavailable.
     pub wait_timeout: Duration,
+    /// PostgreSQL: how long opening one connection (TCP, handshake, session settings) may
+    /// take before it fails as unavailable. SQLite opens a local file and ignores it.
+    pub connect_timeout: Duration,
+    /// PostgreSQL: the server cancels any statement that runs longer (`statement_timeout`),
+    /// and the call fails as unavailable; zero means no limit. SQLite ignores it.
+    pub statement_timeout: Duration,
 }
 
 impl Default for StoreOptions {
-    /// Eight connections, five seconds' wait.
+    /// Eight connections, five seconds' wait, five seconds to connect, thirty seconds per
+    /// statement.
     fn default() -> Self {
         Self {
             max_connections: 8,
             wait_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -48,9 +62,19 @@ pub enum OpenError {
         /// The scheme found in the url (never the rest of it, which may hold a password).
         scheme: String,
     },
-    /// The url names PostgreSQL, whose backend is not built yet.
-    #[error("the postgresql backend is not available yet; use a sqlite://<path> url")]
-    PostgresNotAvailable,
+    /// The PostgreSQL url cannot be read.
+    #[error("invalid postgresql url: {0}")]
+    InvalidPostgresUrl(&'static str),
+    /// No connection to the PostgreSQL server could be made, or its session settings could
+    /// not be applied.
+    #[error("cannot connect to postgresql at {server}")]
+    PostgresConnect {
+        /// Hosts, ports and database of the url (never the user or the password).
+        server: String,
+        /// What the driver or the server said.
+        #[source]
+        source: diesel::ConnectionError,
+    },
     /// The SQLite url is not `sqlite://<path>` with a usable path.
     #[error("invalid sqlite url: {0}")]
     InvalidSqliteUrl(&'static str),
@@ -93,12 +117,12 @@ pub enum OpenError {
 ///
 /// `url` is `sqlite://<path>` (relative, as in `sqlite://data/callback-service.db`, or
 /// absolute, as in `sqlite:///var/lib/callback-service/db`); the file and its parent
-/// directory are created when missing. `postgres://` and `postgresql://` urls are
-/// recognised and refused until the PostgreSQL backend exists.
+/// directory are created when missing. `postgres://…` and `postgresql://…` urls open
+/// a [`PgStore`] on that database, which must exist. No error repeats the url's password.
 pub async fn open(url: &str, options: &StoreOptions) -> Result<Arc<dyn ObjectStore>, OpenError> {
     match DatabaseUrl::parse(url)? {
         DatabaseUrl::Sqlite(path) => Ok(Arc::new(SqliteStore::open(path, options).await?)),
-        DatabaseUrl::Postgres => Err(OpenError::PostgresNotAvailable),
+        DatabaseUrl::Postgres => Ok(Arc::new(PgStore::open(url, options).await?)),
     }
 }
 

@@ -183,23 +183,6 @@ async fn an_unknown_scheme_is_named_in_the_error() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn postgres_urls_are_refused_until_the_backend_exists() {
-    for url in [
-        "postgres://postgres:secret@127.0.0.1:5432/postgres",
-        "postgresql://postgres@db/app",
-    ] {
-        let err = storage::open(url, &StoreOptions::default())
-            .await
-            .expect_err("no postgres backend yet");
-        assert!(matches!(err, OpenError::PostgresNotAvailable), "{err:?}");
-        assert_eq!(
-            err.to_string(),
-            "the postgresql backend is not available yet; use a sqlite://<path> url"
-        );
-    }
-}
-
-#[tokio::test(flavor = "multi_thread")]
 async fn a_file_that_is_not_a_database_fails_to_open() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let path = dir.path().join("garbage.db");

@@ -1,5 +1,5 @@
-//! The conformance suite of the [`ObjectStore`](crate::ports::ObjectStore) port: written
-//! once, run against the in-memory fake and every database adapter.
+//! The conformance suite of the [`ObjectStore`] port: written once, run against the
+//! in-memory fake and every database adapter.
 //!
 //! Each case is a public async function that takes a fresh, empty store and panics when
 //! the store breaks the port's contract. Times are fixed [`Timestamp`]s: no clock, no
@@ -11,6 +11,10 @@
 //!
 //! domain::object_store_conformance!(#[tokio::test(flavor = "multi_thread")] fixture());
 //! ```
+//!
+//! A fixture that needs something the machine may lack (a database server) yields an
+//! `Option` of a fixture instead: `None` skips the case, which then passes without running.
+//! Saying loudly why is the fixture's job.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -24,10 +28,15 @@ use crate::time::Timestamp;
 ///
 /// Implemented for `Arc<S>`, `Arc<dyn ObjectStore>` and `(Arc<dyn ObjectStore>, G)`, where
 /// `G` is a guard kept alive until the case ends (a temporary directory, a database that
-/// is dropped afterwards).
+/// is dropped afterwards), and for `Option` of any of these, where `None` skips the case.
 pub trait StoreFixture {
-    /// The store under test.
+    /// The store under test; called only when [`skipped`](Self::skipped) is false.
     fn store(&self) -> Arc<dyn ObjectStore>;
+
+    /// Whether the case is skipped because the fixture could not be made here.
+    fn skipped(&self) -> bool {
+        false
+    }
 }
 
 impl StoreFixture for Arc<dyn ObjectStore> {
@@ -48,10 +57,23 @@ impl<G> StoreFixture for (Arc<dyn ObjectStore>, G) {
     }
 }
 
+impl<F: StoreFixture> StoreFixture for Option<F> {
+    fn store(&self) -> Arc<dyn ObjectStore> {
+        self.as_ref()
+            .expect("a skipped fixture has no store")
+            .store()
+    }
+
+    fn skipped(&self) -> bool {
+        self.as_ref().is_none_or(StoreFixture::skipped)
+    }
+}
+
 /// Runs every case of the suite as a `#[tokio::test]` of its own.
 ///
 /// The argument is an expression giving a future of a [`StoreFixture`]; it is evaluated
-/// afresh for every case, so each case starts from an empty store. An optional leading
+/// afresh for every case, so each case starts from an empty store. A fixture of `None`
+/// skips the case (see [`StoreFixture::skipped`]). An optional leading
 /// attribute replaces `#[tokio::test]`, e.g. `#[tokio::test(flavor = "multi_thread")]`
 /// for adapters that use `spawn_blocking`. The calling crate needs `tokio` with the
 /// `macros` feature, and the tests' names are the cases' names, so invoke the macro once
@@ -95,6 +117,9 @@ macro_rules! __object_store_conformance_cases {
             #[$test]
             async fn $case() {
                 let fixture = $fixture.await;
+                if $crate::testing::conformance::StoreFixture::skipped(&fixture) {
+                    return;
+                }
                 let store = $crate::testing::conformance::StoreFixture::store(&fixture);
                 $crate::testing::conformance::$case(store).await;
                 drop(fixture);
@@ -501,4 +526,31 @@ mod memory_store {
     use crate::testing::MemoryStore;
 
     crate::object_store_conformance!(async { Arc::new(MemoryStore::new()) });
+}
+
+/// The macro with a fixture that is skipped: every case passes without touching a store.
+#[cfg(test)]
+mod skipped_fixture {
+    use std::sync::Arc;
+
+    use crate::testing::MemoryStore;
+
+    crate::object_store_conformance!(async { None::<Arc<MemoryStore>> });
+}
+
+#[cfg(test)]
+mod fixture_tests {
+    use super::*;
+    use crate::testing::MemoryStore;
+
+    #[test]
+    fn only_a_missing_fixture_is_skipped() {
+        let store = Arc::new(MemoryStore::new());
+        assert!(!StoreFixture::skipped(&store));
+        assert!(!StoreFixture::skipped(&Some(Arc::clone(&store))));
+        assert!(StoreFixture::skipped(&None::<Arc<MemoryStore>>));
+        let nested: Option<(Arc<dyn ObjectStore>, ())> = Some((store, ()));
+        assert!(!StoreFixture::skipped(&nested));
+        nested.store();
+    }
 }

@@ -184,6 +184,7 @@ async fn waiting_too_long_for_a_connection_is_unavailable() {
     let options = StoreOptions {
         max_connections: 1,
         wait_timeout: Duration::from_millis(100),
+        ..StoreOptions::default()
     };
     let (store, _dir) = fresh(&options).await;
     let held = store.pool.get().await.expect("the only connection");

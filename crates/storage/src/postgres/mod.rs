@@ -1,0 +1,655 @@
+//! The PostgreSQL store: diesel-async's `AsyncPgConnection` pooled by deadpool.
+//!
+//! The driver is tokio-postgres (pure Rust, no libpq). Connections are plain TCP or Unix
+//! sockets without TLS for now; TLS is a later feature: a `MakeTlsConnect` in [`connect`]
+//! instead of `NoTls`, and nothing else changes.
+
+mod schema;
+mod upsert;
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use diesel::pg::Pg;
+use diesel::pg::data_types::PgTimestamp;
+use diesel::prelude::*;
+use diesel::result::{ConnectionError, DatabaseErrorKind};
+use diesel::sql_types::Integer;
+use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
+use diesel_async::pooled_connection::deadpool::{Object, Pool, PoolError};
+use diesel_async::pooled_connection::{
+    AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
+};
+use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use domain::{BoxFuture, ObjectId, ObjectStore, StoreError, StoredObject, Timestamp};
+use tokio_postgres::config::Host;
+use tracing::Instrument;
+
+use self::schema::objects;
+use self::upsert::UpsertBatch;
+use crate::{OpenError, StoreOptions};
+
+/// The migrations of the PostgreSQL backend, compiled into the binary.
+const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+
+/// The key of the session-level advisory lock held while migrating (ASCII `cb_migra`), so
+/// that instances starting at the same time migrate one after the other.
+const MIGRATION_LOCK: i64 = 0x6362_5f6d_6967_7261;
+
+/// PostgreSQL counts time from 2000-01-01 00:00:00 UTC, `Timestamp` from the Unix epoch:
+/// the difference in microseconds.
+const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
+
+/// How to open a connection: the parsed url and the session settings.
+///
+/// It holds the password (to reconnect); tokio-postgres's `Config` redacts it from its
+/// `Debug` output and nothing here prints the url.
+struct Settings {
+    config: tokio_postgres::Config,
+    connect_timeout: Duration,
+    /// The session settings, as one batch of statements.
+    session: String,
+    /// Where the server is, for errors and logs: hosts, ports and database, no user or
+    /// password.
+    server: String,
+}
+
+impl Settings {
+    fn new(mut config: tokio_postgres::Config, options: &StoreOptions) -> Self {
+        config.connect_timeout(options.connect_timeout);
+        let server = describe_server(&config);
+        Self {
+            config,
+            connect_timeout: options.connect_timeout,
+            session: session_settings(options.statement_timeout),
+            server,
+        }
+    }
+}
+
+/// The session settings of every connection, applied in [`connect`] and nowhere else.
+///
+/// `synchronous_commit = on` makes a commit wait until its WAL is flushed (the server
+/// default, set here so a changed default cannot weaken the durability of accepted
+/// writes); the time zone is UTC so that anything printing `timestamptz` prints UTC.
+fn session_settings(statement_timeout: Duration) -> String {
+    // PostgreSQL counts this timeout in whole milliseconds and reads 0 as "no timeout": a
+    // non-zero duration rounds up so it never turns into "no timeout" by accident.
+    let millis = statement_timeout.as_nanos().div_ceil(1_000_000);
+    format!(
+        "SET statement_timeout = {millis}; \
+         SET application_name = 'callback-service'; \
+         SET synchronous_commit = on; \
+         SET TIME ZONE 'UTC';"
+    )
+}
+
+/// `host:port/database` of every host the url names; never the user or the password.
+fn describe_server(config: &tokio_postgres::Config) -> String {
+    let ports = config.get_ports();
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let port = ports
+                .get(i)
+                .or_else(|| ports.first())
+                .copied()
+                .unwrap_or(5432);
+            match host {
+                Host::Tcp(name) => format!("{name}:{port}"),
+                Host::Unix(path) => format!("{}:{port}", path.display()),
+            }
+        })
+        .collect();
+    let hosts = if hosts.is_empty() {
+        "localhost".to_owned()
+    } else {
+        hosts.join(",")
+    };
+    let database = config
+        .get_dbname()
+        .or(config.get_user())
+        .unwrap_or("postgres");
+    format!("{hosts}/{database}")
+}
+
+/// Opens a connection and applies the session settings: the one setup hook of every
+/// connection, pooled or not, bounded by the connect timeout as a whole (tokio-postgres's
+/// own timeout covers only the TCP connect, not the handshake).
+async fn connect(settings: &Settings) -> ConnectionResult<AsyncPgConnection> {
+    let attempt = async {
+        let (client, connection) = settings
+            .config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|err| ConnectionError::BadConnection(describe_driver_error(&err)))?;
+        let mut conn =
+            AsyncPgConnection::try_from_client_and_connection(client, connection).await?;
+        conn.batch_execute(&settings.session)
+            .await
+            .map_err(ConnectionError::CouldntSetupConfiguration)?;
+        Ok(conn)
+    };
+    match tokio::time::timeout(settings.connect_timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(ConnectionError::BadConnection(format!(
+            "no connection within {:?}",
+            settings.connect_timeout
+        ))),
+    }
+}
+
+/// A tokio-postgres error with its cause: the server's message and SQLSTATE, or the I/O
+/// error. tokio-postgres never puts the password in either.
+fn describe_driver_error(err: &tokio_postgres::Error) -> String {
+    if let Some(db) = err.as_db_error() {
+        return format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        );
+    }
+    match std::error::Error::source(err) {
+        Some(cause) => format!("{err}: {cause}"),
+        None => err.to_string(),
+    }
+}
+
+/// The [`ObjectStore`] on a PostgreSQL database.
+///
+/// Every call runs on its own tokio task with a pooled connection, so a caller that gives
+/// up (a timeout, a dropped request) never leaves a statement half sent or a transaction
+/// open on a connection that goes back to the pool. Connections are checked with
+/// `SELECT 1` when taken from the pool, so after an outage (a restarted server, killed
+/// sessions) the pool replaces them by itself.
+pub struct PgStore {
+    pool: Pool<AsyncPgConnection>,
+    server: String,
+}
+
+impl fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgStore")
+            .field("server", &self.server)
+            .field("pool", &self.pool.status())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgStore {
+    /// Connects to the database named by `url` (`postgres://` or `postgresql://`, any
+    /// form tokio-postgres reads) and applies the pending migrations.
+    ///
+    /// Errors name the server (hosts, ports, database) but never the user's password.
+    pub async fn open(url: &str, options: &StoreOptions) -> Result<Self, OpenError> {
+        if options.max_connections == 0 {
+            return Err(OpenError::InvalidOptions(
+                "max_connections must be at least 1",
+            ));
+        }
+        let config: tokio_postgres::Config = lowercase_scheme(url)
+            .parse()
+            .map_err(|err| OpenError::InvalidPostgresUrl(url_error(&err)))?;
+        let settings = Arc::new(Settings::new(config, options));
+        let server = settings.server.clone();
+        let connect_error = |source| OpenError::PostgresConnect {
+            server: server.clone(),
+            source,
+        };
+
+        let conn = connect(&settings).await.map_err(connect_error)?;
+        let applied = migrate(conn).await?;
+
+        let mut config = ManagerConfig::<AsyncPgConnection>::default();
+        // `SELECT 1` on every checkout: a connection the server closed or lost is found
+        // and replaced before a caller's statement fails on it.
+        config.recycling_method = RecyclingMethod::Verified;
+        let setup = Arc::clone(&settings);
+        config.custom_setup = Box::new(move |_url: &str| {
+            let settings = Arc::clone(&setup);
+            Box::pin(async move { connect(&settings).await })
+        });
+        // The manager's url is only handed back to `custom_setup`, which ignores it: it
+        // gets the server's description, so the password lives in `Settings` alone.
+        let manager = AsyncDieselConnectionManager::new_with_config(server.clone(), config);
+        let pool = Pool::builder(manager)
+            .max_size(options.max_connections)
+            .wait_timeout(Some(options.wait_timeout))
+            .create_timeout(Some(options.connect_timeout))
+            .recycle_timeout(Some(options.connect_timeout))
+            .runtime(deadpool::Runtime::Tokio1)
+            .build()
+            .map_err(OpenError::Pool)?;
+
+        let store = Self { pool, server };
+        store.ping_database().await.map_err(OpenError::Check)?;
+        tracing::info!(
+            server = %store.server,
+            max_connections = options.max_connections,
+            migrations_applied = ?applied,
+            "postgresql store opened"
+        );
+        Ok(store)
+    }
+
+    /// Runs `op` with a pooled connection on a task of its own and waits for its result.
+    ///
+    /// The task owns the connection: if the caller stops waiting, the statement still
+    /// finishes (or fails) and the connection goes back to the pool in a known state.
+    async fn run<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Object<AsyncPgConnection>) -> Fut + Send + 'static,
+        Fut: Future<Output = QueryResult<T>> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        let task = tokio::spawn(
+            async move {
+                let conn = pool.get().await.map_err(pool_error)?;
+                op(conn).await.map_err(query_error)
+            }
+            .in_current_span(),
+        );
+        match task.await {
+            Ok(result) => result,
+            Err(err) => match err.try_into_panic() {
+                // A panic inside the operation is the caller's panic, as if it ran inline.
+                Ok(panic) => std::panic::resume_unwind(panic),
+                Err(err) => Err(StoreError::Unavailable(format!("store task failed: {err}"))),
+            },
+        }
+    }
+
+    #[tracing::instrument(level = "debug", name = "postgres.upsert_seen", skip_all, fields(rows = batch.len()))]
+    async fn upsert(&self, batch: &[StoredObject]) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let rows = batch
+            .iter()
+            .map(|object| {
+                Ok((
+                    object.id.get(),
+                    to_pg(object.last_seen)?,
+                    to_pg(object.expires_at)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let statement = UpsertBatch::new(rows);
+        let expected = statement.len();
+        let written = self
+            .run(move |mut conn| async move { statement.execute(&mut conn).await })
+            .await?;
+        if written == expected {
+            Ok(())
+        } else {
+            // Each id is named once, so every row is either inserted or updated.
+            Err(StoreError::Query(format!(
+                "upsert of {expected} rows wrote {written}"
+            )))
+        }
+    }
+
+    #[tracing::instrument(level = "debug", name = "postgres.delete_expired", skip_all, fields(cutoff = cutoff.as_unix_micros(), limit, deleted = tracing::field::Empty))]
+    async fn delete_due(&self, cutoff: Timestamp, limit: usize) -> Result<u64, StoreError> {
+        let cutoff = to_pg(cutoff)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let deleted = self
+            .run(move |mut conn| async move {
+                // `DELETE … WHERE id IN (SELECT id … ORDER BY expires_at LIMIT $2 FOR UPDATE
+                // SKIP LOCKED)`: two sweepers never wait for each other or delete a row
+                // twice, and a row an upsert is refreshing right now is left alone (the
+                // next sweep sees its new expiry). The subquery reads the same table,
+                // which diesel wants under an alias.
+                let due_rows = diesel::alias!(objects as due);
+                let due = due_rows
+                    .select(due_rows.field(objects::id))
+                    .filter(due_rows.field(objects::expires_at).le(cutoff))
+                    .order(due_rows.field(objects::expires_at).asc())
+                    .limit(limit)
+                    .for_update()
+                    .skip_locked();
+                diesel::delete(objects::table.filter(objects::id.eq_any(due)))
+                    .execute(&mut conn)
+                    .await
+            })
+            .await?;
+        tracing::Span::current().record("deleted", deleted);
+        Ok(u64::try_from(deleted).unwrap_or(u64::MAX))
+    }
+
+    #[tracing::instrument(level = "debug", name = "postgres.next_expiry", skip_all)]
+    async fn earliest_expiry(&self) -> Result<Option<Timestamp>, StoreError> {
+        let earliest = self
+            .run(|mut conn| async move {
+                objects::table
+                    .select(diesel::dsl::min(objects::expires_at))
+                    .get_result::<Option<PgTimestamp>>(&mut conn)
+                    .await
+            })
+            .await?;
+        earliest.map(from_pg).transpose()
+    }
+
+    #[tracing::instrument(level = "debug", name = "postgres.get", skip_all, fields(object_id = id.get()))]
+    async fn get_live(
+        &self,
+        id: ObjectId,
+        now: Timestamp,
+    ) -> Result<Option<StoredObject>, StoreError> {
+        let now = to_pg(now)?;
+        let row = self
+            .run(move |mut conn| async move {
+                objects::table
+                    .find(id.get())
+                    .filter(objects::expires_at.gt(now))
+                    .select(ObjectRow::as_select())
+                    .get_result(&mut conn)
+                    .await
+                    .optional()
+            })
+            .await?;
+        row.map(ObjectRow::into_domain).transpose()
+    }
+
+    #[tracing::instrument(level = "debug", name = "postgres.list", skip_all, fields(after = after.map(ObjectId::get), limit))]
+    async fn list_live(
+        &self,
+        now: Timestamp,
+        after: Option<ObjectId>,
+        limit: usize,
+    ) -> Result<Vec<StoredObject>, StoreError> {
+        let now = to_pg(now)?;
+        // Ids are never negative, so "no cursor" is "after -1": one statement shape, which
+        // diesel-async prepares once per connection.
+        let after = after.map_or(-1, ObjectId::get);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self
+            .run(move |mut conn| async move {
+                objects::table
+                    .filter(objects::id.gt(after))
+                    .filter(objects::expires_at.gt(now))
+                    .order(objects::id.asc())
+                    .limit(limit)
+                    .select(ObjectRow::as_select())
+                    .load(&mut conn)
+                    .await
+            })
+            .await?;
+        rows.into_iter().map(ObjectRow::into_domain).collect()
+    }
+
+    #[tracing::instrument(level = "debug", name = "postgres.ping", skip_all)]
+    async fn ping_database(&self) -> Result<(), StoreError> {
+        let one = self
+            .run(|mut conn| async move {
+                diesel::select(1_i32.into_sql::<Integer>())
+                    .get_result::<i32>(&mut conn)
+                    .await
+            })
+            .await?;
+        if one == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::Query(format!("SELECT 1 answered {one}")))
+        }
+    }
+}
+
+impl ObjectStore for PgStore {
+    fn upsert_seen<'a>(
+        &'a self,
+        batch: &'a [StoredObject],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.upsert(batch))
+    }
+
+    fn delete_expired(
+        &self,
+        cutoff: Timestamp,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(self.delete_due(cutoff, limit))
+    }
+
+    fn next_expiry(&self) -> BoxFuture<'_, Result<Option<Timestamp>, StoreError>> {
+        Box::pin(self.earliest_expiry())
+    }
+
+    fn get(
+        &self,
+        id: ObjectId,
+        now: Timestamp,
+    ) -> BoxFuture<'_, Result<Option<StoredObject>, StoreError>> {
+        Box::pin(self.get_live(id, now))
+    }
+
+    fn list(
+        &self,
+        now: Timestamp,
+        after: Option<ObjectId>,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<StoredObject>, StoreError>> {
+        Box::pin(self.list_live(now, after, limit))
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(self.ping_database())
+    }
+}
+
+/// One row of `objects` as read.
+#[derive(Debug, Queryable, Selectable)]
+#[diesel(table_name = objects, check_for_backend(Pg))]
+struct ObjectRow {
+    id: i64,
+    last_seen: PgTimestamp,
+    expires_at: PgTimestamp,
+}
+
+impl ObjectRow {
+    fn into_domain(self) -> Result<StoredObject, StoreError> {
+        let id = ObjectId::new(self.id)
+            .map_err(|err| StoreError::Query(format!("stored object id {}: {err}", self.id)))?;
+        Ok(StoredObject {
+            id,
+            last_seen: from_pg(self.last_seen)?,
+            expires_at: from_pg(self.expires_at)?,
+        })
+    }
+}
+
+/// A `Timestamp` as PostgreSQL's microseconds since 2000-01-01 UTC.
+fn to_pg(t: Timestamp) -> Result<PgTimestamp, StoreError> {
+    t.as_unix_micros()
+        .checked_sub(PG_EPOCH_UNIX_MICROS)
+        .map(PgTimestamp)
+        .ok_or_else(|| {
+            StoreError::Query(format!(
+                "timestamp {} µs is out of postgresql's range",
+                t.as_unix_micros()
+            ))
+        })
+}
+
+/// PostgreSQL's microseconds since 2000-01-01 UTC as a `Timestamp`.
+fn from_pg(t: PgTimestamp) -> Result<Timestamp, StoreError> {
+    t.0.checked_add(PG_EPOCH_UNIX_MICROS)
+        .map(Timestamp::from_unix_micros)
+        .ok_or_else(|| StoreError::Query(format!("stored timestamp {} is out of range", t.0)))
+}
+
+/// Applies the pending migrations on `conn` under the migration lock; returns the versions
+/// it applied.
+///
+/// diesel's migration harness is synchronous: it runs on a blocking thread through
+/// `AsyncConnectionWrapper`. The lock is a session-level advisory lock, so a second
+/// instance starting at the same time waits (within `statement_timeout`) and then finds
+/// nothing left to do, and a process that dies while migrating releases it with its
+/// connection. The migrations themselves run without a statement timeout: a long one is
+/// not cut short half-way.
+async fn migrate(conn: AsyncPgConnection) -> Result<Vec<String>, OpenError> {
+    use diesel::connection::SimpleConnection;
+
+    let migrate_error = |err: diesel::result::Error| OpenError::Migrate(Box::new(err));
+    tokio::task::spawn_blocking(move || {
+        let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::from(conn);
+        SimpleConnection::batch_execute(
+            &mut conn,
+            &format!("SELECT pg_advisory_lock({MIGRATION_LOCK}); SET statement_timeout = 0;"),
+        )
+        .map_err(migrate_error)?;
+        let applied = conn
+            .run_pending_migrations(MIGRATIONS)
+            .map(|versions| versions.iter().map(ToString::to_string).collect())
+            .map_err(OpenError::Migrate);
+        // Unlocking is a courtesy to the next instance: closing the connection, which
+        // happens right after, releases the lock too.
+        let unlocked = SimpleConnection::batch_execute(
+            &mut conn,
+            &format!("SELECT pg_advisory_unlock({MIGRATION_LOCK})"),
+        )
+        .map_err(migrate_error);
+        let applied = applied?;
+        unlocked?;
+        Ok(applied)
+    })
+    .await
+    .map_err(OpenError::Task)?
+}
+
+/// `url` with its scheme in lower case, as tokio-postgres wants it (`POSTGRES://…` is
+/// as valid a url as `postgres://…`).
+fn lowercase_scheme(url: &str) -> std::borrow::Cow<'_, str> {
+    match url.split_once("://") {
+        Some((scheme, rest)) if scheme.chars().any(|c| c.is_ascii_uppercase()) => {
+            format!("{}://{rest}", scheme.to_ascii_lowercase()).into()
+        }
+        _ => url.into(),
+    }
+}
+
+/// Describes why a url does not parse, without repeating any part of it: tokio-postgres
+/// names only an option's key, but a malformed url can put anything where a key belongs.
+fn url_error(err: &tokio_postgres::Error) -> &'static str {
+    let cause = std::error::Error::source(err)
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    if cause.starts_with("unknown option") {
+        "it has an unknown option"
+    } else if cause.starts_with("invalid value for option `port`") {
+        "its port is not a number"
+    } else if cause.starts_with("invalid value for option") {
+        "an option has an invalid value"
+    } else {
+        "it is not a postgresql connection url"
+    }
+}
+
+/// Maps a failure to get a pooled connection: the database is unavailable.
+fn pool_error(err: PoolError) -> StoreError {
+    use deadpool::managed::{PoolError as E, TimeoutType};
+    use diesel_async::pooled_connection::PoolError as Backend;
+
+    match err {
+        E::Timeout(TimeoutType::Wait) => {
+            StoreError::Unavailable("timed out waiting for a free database connection".into())
+        }
+        E::Timeout(TimeoutType::Create | TimeoutType::Recycle) => {
+            StoreError::Unavailable("timed out connecting to the database".into())
+        }
+        E::Backend(Backend::ConnectionError(err)) => {
+            StoreError::Unavailable(format!("cannot connect: {err}"))
+        }
+        E::Backend(Backend::QueryError(err)) => {
+            StoreError::Unavailable(format!("connection check failed: {err}"))
+        }
+        E::Closed => StoreError::Unavailable("the connection pool is closed".into()),
+        E::PostCreateHook(err) => {
+            StoreError::Unavailable(format!("connection setup failed: {err}"))
+        }
+        E::NoRuntimeSpecified => {
+            StoreError::Query("the connection pool has no runtime for its timeouts".into())
+        }
+    }
+}
+
+/// Maps a diesel error: a lost or refused connection, a server going down, a statement
+/// cancelled by its timeout and transient conflicts mean the database is unavailable (try
+/// again later); anything else is a query error.
+fn query_error(err: diesel::result::Error) -> StoreError {
+    if is_unavailable(&err) {
+        StoreError::Unavailable(err.to_string())
+    } else {
+        StoreError::Query(err.to_string())
+    }
+}
+
+fn is_unavailable(err: &diesel::result::Error) -> bool {
+    use diesel::result::Error::DatabaseError;
+
+    // diesel-async keeps the server's message but not its SQLSTATE, so the classes are
+    // recognised by PostgreSQL's (English) wording:
+    // - 57014 query_canceled (statement timeout, pg_cancel_backend) and 55P03 lock timeout:
+    //   "canceling statement due to …"
+    // - 57P01 admin_shutdown, 57P02 crash_shutdown, 57P05 idle session timeout:
+    //   "terminating connection …"
+    // - 57P03 cannot_connect_now: "the database system is starting up / shutting down / …"
+    // - 53300 too_many_connections: "sorry, too many clients already", "remaining
+    //   connection slots are reserved …", "too many connections for role / database …"
+    // - 40P01 deadlock_detected and 40001 serialization_failure (diesel's
+    //   `SerializationFailure`): transient conflicts that succeed when tried again
+    // - 25006 read_only_sql_transaction (diesel's `ReadOnlyTransaction`): the server is a
+    //   standby now, as after a failover
+    // A server whose `lc_messages` translates them loses only the first statement's
+    // classification: a terminated session is closed, so what follows is a closed
+    // connection, which needs no wording.
+    const SERVER: [&str; 8] = [
+        "canceling statement due to",
+        "terminating connection",
+        "the database system is",
+        "sorry, too many clients",
+        "remaining connection slots are reserved",
+        "too many connections for",
+        "deadlock detected",
+        "could not serialize access",
+    ];
+    // tokio-postgres's own (never translated) words for a connection that failed or
+    // closed, which diesel-async reports as "unable to send command"; its other errors
+    // of that kind (parameters that do not serialise, unexpected columns) are ours.
+    const DRIVER: [&str; 7] = [
+        "error communicating with the server",
+        "connection closed",
+        "error connecting to server",
+        "timeout waiting for server",
+        "unexpected message from server",
+        "error parsing response from server",
+        "channel closed",
+    ];
+    match err {
+        DatabaseError(
+            DatabaseErrorKind::ClosedConnection
+            | DatabaseErrorKind::SerializationFailure
+            | DatabaseErrorKind::ReadOnlyTransaction,
+            _,
+        ) => true,
+        DatabaseError(DatabaseErrorKind::UnableToSendCommand, info) => {
+            let message = info.message();
+            DRIVER.iter().any(|needle| message.starts_with(needle))
+        }
+        DatabaseError(_, info) => {
+            let message = info.message();
+            SERVER.iter().any(|needle| message.starts_with(needle))
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests;
