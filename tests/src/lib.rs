@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use diesel::{Connection, RunQueryDsl, SqliteConnection};
+use diesel::{Connection, SqliteConnection};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
@@ -235,7 +235,81 @@ impl Upstream {
     }
 }
 
-/// `callback-service` on free loopback ports with its own SQLite file.
+/// Which database a test runs the service on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The embedded SQLite file, the default.
+    Sqlite,
+    /// A fresh PostgreSQL database on the server of `TEST_DATABASE_URL`.
+    Postgres,
+}
+
+/// The database a [`Service`] runs on; a PostgreSQL one is dropped with it.
+#[derive(Debug)]
+pub enum Database {
+    /// A SQLite file.
+    Sqlite(PathBuf),
+    /// A throwaway PostgreSQL database.
+    Postgres(storage::testing::TestDatabase),
+}
+
+impl Database {
+    /// A fresh database of `backend`; `None` when PostgreSQL is not reachable and not
+    /// required (the skip has been printed).
+    pub async fn create(backend: Backend, dir: &Path) -> Option<Self> {
+        match backend {
+            Backend::Sqlite => Some(Self::Sqlite(dir.join("data").join("callback-service.db"))),
+            Backend::Postgres => storage::testing::TestDatabase::create()
+                .await
+                .map(Self::Postgres),
+        }
+    }
+
+    /// The `database.url` to give the service.
+    pub fn url(&self) -> String {
+        match self {
+            Self::Sqlite(path) => format!("sqlite://{}", path.display()),
+            Self::Postgres(db) => db.url.clone(),
+        }
+    }
+
+    /// Ids of the rows physically in the `objects` table, deleted or not by expiry rules.
+    pub async fn physical_ids(&self) -> anyhow::Result<Vec<i64>> {
+        #[derive(diesel::QueryableByName)]
+        struct Row {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            id: i64,
+        }
+        const QUERY: &str = "SELECT id FROM objects ORDER BY id";
+        match self {
+            Self::Sqlite(path) => {
+                let mut conn = SqliteConnection::establish(&path.display().to_string())?;
+                diesel::RunQueryDsl::execute(
+                    diesel::sql_query("PRAGMA busy_timeout = 5000"),
+                    &mut conn,
+                )?;
+                let rows: Vec<Row> =
+                    diesel::RunQueryDsl::load(diesel::sql_query(QUERY), &mut conn)?;
+                Ok(rows.into_iter().map(|r| r.id).collect())
+            }
+            Self::Postgres(db) => {
+                use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+                let mut conn = AsyncPgConnection::establish(&db.url).await?;
+                let rows: Vec<Row> = diesel::sql_query(QUERY).load(&mut conn).await?;
+                Ok(rows.into_iter().map(|r| r.id).collect())
+            }
+        }
+    }
+
+    /// How many ids have more than one row (must always be 0).
+    pub async fn duplicated_ids(&self) -> anyhow::Result<usize> {
+        let ids = self.physical_ids().await?;
+        let distinct: std::collections::BTreeSet<i64> = ids.iter().copied().collect();
+        Ok(ids.len() - distinct.len())
+    }
+}
+
+/// `callback-service` on free loopback ports with its own database.
 #[derive(Debug)]
 pub struct Service {
     /// The process.
@@ -244,30 +318,31 @@ pub struct Service {
     pub api: SocketAddr,
     /// The admin listener.
     pub admin: SocketAddr,
-    /// The SQLite file.
-    pub db_path: PathBuf,
+    /// The database it runs on.
+    pub database: Database,
     dir: tempfile::TempDir,
 }
 
 impl Service {
-    /// Starts the service against `upstream` with the given TTL and extra `CALLBACK_…` env.
+    /// Starts the service on `backend` against `upstream` with the given TTL and extra
+    /// `CALLBACK_…` env; `None` when the backend is PostgreSQL and none is reachable.
     pub async fn start(
+        backend: Backend,
         upstream: &str,
         ttl: Duration,
         env: &[(&str, &str)],
-    ) -> anyhow::Result<Self> {
+    ) -> anyhow::Result<Option<Self>> {
         let dir = tempfile::tempdir()?;
-        let db_path = dir.path().join("data").join("callback-service.db");
+        let Some(database) = Database::create(backend, dir.path()).await else {
+            return Ok(None);
+        };
         let mut command = Command::new(&bins().callback_service);
         command
             .current_dir(dir.path())
             .env("RUST_LOG", "info")
             .env("CALLBACK_HTTP__LISTEN", "127.0.0.1:0")
             .env("CALLBACK_ADMIN__LISTEN", "127.0.0.1:0")
-            .env(
-                "CALLBACK_DATABASE__URL",
-                format!("sqlite://{}", db_path.display()),
-            )
+            .env("CALLBACK_DATABASE__URL", database.url())
             .env("CALLBACK_UPSTREAM__BASE_URL", upstream)
             .env("CALLBACK_EXPIRY__TTL_MS", ttl.as_millis().to_string());
         for (key, value) in env {
@@ -280,13 +355,13 @@ impl Service {
         let admin = process
             .wait_for_line(START_DEADLINE, |l| addr_after(l, "admin listening"))
             .await?;
-        Ok(Self {
+        Ok(Some(Self {
             process,
             api,
             admin,
-            db_path,
+            database,
             dir,
-        })
+        }))
     }
 
     /// `http://<api>{path}`.
@@ -304,19 +379,33 @@ impl Service {
         self.dir.path()
     }
 
-    /// Ids of the rows physically in the `objects` table, read straight from SQLite.
-    pub fn physical_ids(&self) -> anyhow::Result<Vec<i64>> {
-        #[derive(diesel::QueryableByName)]
-        struct Row {
-            #[diesel(sql_type = diesel::sql_types::BigInt)]
-            id: i64,
-        }
-        let mut conn = SqliteConnection::establish(&self.db_path.display().to_string())?;
-        diesel::sql_query("PRAGMA busy_timeout = 5000").execute(&mut conn)?;
-        let rows: Vec<Row> =
-            diesel::sql_query("SELECT id FROM objects ORDER BY id").load(&mut conn)?;
-        Ok(rows.into_iter().map(|r| r.id).collect())
+    /// Ids of the rows physically in the `objects` table.
+    pub async fn physical_ids(&self) -> anyhow::Result<Vec<i64>> {
+        self.database.physical_ids().await
     }
+}
+
+/// Expands to one `#[tokio::test]` per backend that runs `$case(Backend::…)`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($case:ident),+ $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() -> anyhow::Result<()> {
+                    super::$case($crate::Backend::Sqlite).await
+                }
+            )+
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() -> anyhow::Result<()> {
+                    super::$case($crate::Backend::Postgres).await
+                }
+            )+
+        }
+    };
 }
 
 /// A shared HTTP client with a per-request timeout, so no test can hang on a request.

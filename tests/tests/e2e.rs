@@ -5,7 +5,10 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tests::{Service, Upstream, eventually, http, now_micros, parse_rfc3339_micros};
+use tests::{
+    Backend, Service, Upstream, eventually, http, now_micros, on_both_backends,
+    parse_rfc3339_micros,
+};
 
 const WAIT: Duration = Duration::from_secs(20);
 const POLL: Duration = Duration::from_millis(10);
@@ -50,11 +53,14 @@ async fn wait_idle(service: &Service, fetches: u64, stored: u64) -> anyhow::Resu
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn even_ids_are_stored_with_a_fresh_last_seen_and_odd_ids_never() -> anyhow::Result<()> {
+async fn even_ids_are_stored_with_a_fresh_last_seen_and_odd_ids_never(
+    backend: Backend,
+) -> anyhow::Result<()> {
     let upstream = Upstream::start(0, 5).await?;
     let ttl = Duration::from_secs(60);
-    let service = Service::start(&upstream.base_url(), ttl, &[]).await?;
+    let Some(service) = Service::start(backend, &upstream.base_url(), ttl, &[]).await? else {
+        return Ok(()); // PostgreSQL not reachable and not required: skipped loudly
+    };
 
     let before = now_micros();
     let (status, body) =
@@ -85,11 +91,14 @@ async fn even_ids_are_stored_with_a_fresh_last_seen_and_odd_ids_never() -> anyho
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rows_are_hidden_at_their_deadline_and_deleted_within_50_ms() -> anyhow::Result<()> {
+async fn rows_are_hidden_at_their_deadline_and_deleted_within_50_ms(
+    backend: Backend,
+) -> anyhow::Result<()> {
     let upstream = Upstream::start(0, 5).await?;
     let ttl = Duration::from_millis(1_500);
-    let service = Service::start(&upstream.base_url(), ttl, &[]).await?;
+    let Some(service) = Service::start(backend, &upstream.base_url(), ttl, &[]).await? else {
+        return Ok(()); // PostgreSQL not reachable and not required: skipped loudly
+    };
 
     let (status, _) = post_callback(&service, &json!({"object_ids": [10, 12, 14]})).await?;
     assert_eq!(status, 202);
@@ -118,11 +127,14 @@ async fn rows_are_hidden_at_their_deadline_and_deleted_within_50_ms() -> anyhow:
                 asked_at - row_deadline
             );
         }
+        let physical = service.physical_ids().await?;
+        // Taken after the read: the rows were gone by then, so this bounds the deletion
+        // from above (lateness is never understated) and a read that ends before the
+        // deadline and finds nothing proves an early deletion.
         let checked_at = now_micros();
-        let physical = service.physical_ids()?;
         if physical.is_empty() {
             assert!(
-                checked_at >= deadline - 1_000,
+                checked_at >= deadline,
                 "rows deleted {} µs before their deadline",
                 deadline - checked_at
             );
@@ -133,6 +145,7 @@ async fn rows_are_hidden_at_their_deadline_and_deleted_within_50_ms() -> anyhow:
     }
     let deleted_at = deleted_at.expect("rows were never deleted");
     let lateness_ms = (deleted_at - deadline) as f64 / 1_000.0;
+    eprintln!("{backend:?}: rows physically gone at most {lateness_ms:.1} ms after their deadline");
     assert!(
         lateness_ms <= 50.0,
         "rows were deleted {lateness_ms:.1} ms after their deadline"
@@ -140,16 +153,20 @@ async fn rows_are_hidden_at_their_deadline_and_deleted_within_50_ms() -> anyhow:
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_bad_request_gets_its_status_and_envelope_and_the_service_survives()
--> anyhow::Result<()> {
+async fn every_bad_request_gets_its_status_and_envelope_and_the_service_survives(
+    backend: Backend,
+) -> anyhow::Result<()> {
     let upstream = Upstream::start(0, 5).await?;
-    let service = Service::start(
+    let Some(service) = Service::start(
+        backend,
         &upstream.base_url(),
         Duration::from_secs(60),
         &[("CALLBACK_HTTP__MAX_BODY_BYTES", "1024")],
     )
-    .await?;
+    .await?
+    else {
+        return Ok(()); // PostgreSQL not reachable and not required: skipped loudly
+    };
     let client = http();
     let json_post = |body: String| {
         client
@@ -248,10 +265,15 @@ async fn every_bad_request_gets_its_status_and_envelope_and_the_service_survives
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_with_work_in_flight_finishes_it_and_exits_0() -> anyhow::Result<()> {
+async fn sigterm_with_work_in_flight_finishes_it_and_exits_0(
+    backend: Backend,
+) -> anyhow::Result<()> {
     let upstream = Upstream::start(300, 600).await?;
-    let mut service = Service::start(&upstream.base_url(), Duration::from_secs(60), &[]).await?;
+    let Some(mut service) =
+        Service::start(backend, &upstream.base_url(), Duration::from_secs(60), &[]).await?
+    else {
+        return Ok(()); // PostgreSQL not reachable and not required: skipped loudly
+    };
 
     let ids: Vec<i64> = (100..140).collect();
     let (status, _) = post_callback(&service, &json!({ "object_ids": ids })).await?;
@@ -267,7 +289,7 @@ async fn sigterm_with_work_in_flight_finishes_it_and_exits_0() -> anyhow::Result
 
     let even: Vec<i64> = ids.iter().copied().filter(|id| id % 2 == 0).collect();
     assert_eq!(
-        service.physical_ids()?,
+        service.physical_ids().await?,
         even,
         "accepted work was finished before exit"
     );
@@ -282,10 +304,15 @@ async fn sigterm_with_work_in_flight_finishes_it_and_exits_0() -> anyhow::Result
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_service_reports_callbacks_accepted_and_even_ids_stored() -> anyhow::Result<()> {
+async fn client_service_reports_callbacks_accepted_and_even_ids_stored(
+    backend: Backend,
+) -> anyhow::Result<()> {
     let upstream = Upstream::start(0, 5).await?;
-    let service = Service::start(&upstream.base_url(), Duration::from_secs(60), &[]).await?;
+    let Some(service) =
+        Service::start(backend, &upstream.base_url(), Duration::from_secs(60), &[]).await?
+    else {
+        return Ok(()); // PostgreSQL not reachable and not required: skipped loudly
+    };
 
     let mut command = tokio::process::Command::new(&tests::bins().client_service);
     command
@@ -314,3 +341,55 @@ async fn client_service_reports_callbacks_accepted_and_even_ids_stored() -> anyh
     }
     Ok(())
 }
+
+async fn a_200_id_callback_is_visible_quickly_with_one_row_per_id(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let upstream = Upstream::start(0, 5).await?;
+    let Some(service) =
+        Service::start(backend, &upstream.base_url(), Duration::from_secs(60), &[]).await?
+    else {
+        return Ok(()); // PostgreSQL not reachable and not required: skipped loudly
+    };
+    let ids: Vec<i64> = (1_000..1_200).collect();
+    let even: BTreeSet<i64> = ids.iter().copied().filter(|id| id % 2 == 0).collect();
+
+    let sent = tokio::time::Instant::now();
+    let (status, body) = post_callback(&service, &json!({ "object_ids": ids })).await?;
+    assert_eq!(
+        (status, body["accepted"].as_u64()),
+        (202, Some(200)),
+        "{body}"
+    );
+    let visible_after = eventually(WAIT, Duration::from_millis(2), || async {
+        Ok((stored_ids(&service).await? == even).then(|| sent.elapsed()))
+    })
+    .await?;
+    // A figure for the notes, not an assertion: timing belongs to `cargo xtask bench`.
+    eprintln!("{backend:?}: 100 even ids of a 200-id callback visible after {visible_after:?}");
+
+    // The same ids again from many clients at once: still one row per id.
+    let body = json!({ "object_ids": ids });
+    let posts = (0..16).map(|_| post_callback(&service, &body));
+    for result in futures_util::future::join_all(posts).await {
+        assert_eq!(result?.0, 202);
+    }
+    wait_idle(&service, 400, 200).await?;
+    assert_eq!(
+        service.database.duplicated_ids().await?,
+        0,
+        "one row per stored id"
+    );
+    let physical: BTreeSet<i64> = service.physical_ids().await?.into_iter().collect();
+    assert_eq!(physical, even);
+    Ok(())
+}
+
+on_both_backends!(
+    even_ids_are_stored_with_a_fresh_last_seen_and_odd_ids_never,
+    rows_are_hidden_at_their_deadline_and_deleted_within_50_ms,
+    every_bad_request_gets_its_status_and_envelope_and_the_service_survives,
+    sigterm_with_work_in_flight_finishes_it_and_exits_0,
+    client_service_reports_callbacks_accepted_and_even_ids_stored,
+    a_200_id_callback_is_visible_quickly_with_one_row_per_id,
+);

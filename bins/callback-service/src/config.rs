@@ -154,6 +154,10 @@ pub struct DatabaseSection {
     pub max_connections: usize,
     /// How long a caller waits for a pooled connection.
     pub wait_timeout_ms: u64,
+    /// How long opening one connection may take (PostgreSQL).
+    pub connect_timeout_ms: u64,
+    /// The longest one statement may run before the server cancels it (PostgreSQL).
+    pub statement_timeout_ms: u64,
 }
 
 impl Default for DatabaseSection {
@@ -162,6 +166,8 @@ impl Default for DatabaseSection {
             url: "sqlite://data/callback-service.db".to_owned(),
             max_connections: 8,
             wait_timeout_ms: 5_000,
+            connect_timeout_ms: 5_000,
+            statement_timeout_ms: 30_000,
         }
     }
 }

@@ -59,6 +59,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         &storage::StoreOptions {
             max_connections: config.database.max_connections,
             wait_timeout: ms(config.database.wait_timeout_ms),
+            connect_timeout: ms(config.database.connect_timeout_ms),
+            statement_timeout: ms(config.database.statement_timeout_ms),
         },
     )
     .await
