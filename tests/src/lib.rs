@@ -318,34 +318,64 @@ pub struct Service {
     pub api: SocketAddr,
     /// The admin listener.
     pub admin: SocketAddr,
-    /// The database it runs on.
-    pub database: Database,
-    dir: tempfile::TempDir,
+    /// The database it runs on, shared with the instances started by [`Service::another`].
+    pub database: Arc<Database>,
+    dir: Arc<tempfile::TempDir>,
+    env: Vec<(String, String)>,
 }
 
 impl Service {
-    /// Starts the service on `backend` against `upstream` with the given TTL and extra
-    /// `CALLBACK_…` env; `None` when the backend is PostgreSQL and none is reachable.
+    /// Starts the service on a fresh database of `backend` against `upstream` with the
+    /// given TTL and extra `CALLBACK_…` env; `None` when the backend is PostgreSQL and
+    /// none is reachable.
     pub async fn start(
         backend: Backend,
         upstream: &str,
         ttl: Duration,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Option<Self>> {
-        let dir = tempfile::tempdir()?;
+        let dir = Arc::new(tempfile::tempdir()?);
         let Some(database) = Database::create(backend, dir.path()).await else {
             return Ok(None);
         };
+        let mut all = vec![
+            ("CALLBACK_DATABASE__URL".to_owned(), database.url()),
+            (
+                "CALLBACK_UPSTREAM__BASE_URL".to_owned(),
+                upstream.to_owned(),
+            ),
+            (
+                "CALLBACK_EXPIRY__TTL_MS".to_owned(),
+                ttl.as_millis().to_string(),
+            ),
+        ];
+        all.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        Self::spawn(Arc::new(database), dir, all).await.map(Some)
+    }
+
+    /// Another instance on the same database with the same settings and fresh ports: a
+    /// restart after a kill, or a second instance beside this one.
+    pub async fn another(&self) -> anyhow::Result<Self> {
+        Self::spawn(
+            Arc::clone(&self.database),
+            Arc::clone(&self.dir),
+            self.env.clone(),
+        )
+        .await
+    }
+
+    async fn spawn(
+        database: Arc<Database>,
+        dir: Arc<tempfile::TempDir>,
+        env: Vec<(String, String)>,
+    ) -> anyhow::Result<Self> {
         let mut command = Command::new(&bins().callback_service);
         command
             .current_dir(dir.path())
             .env("RUST_LOG", "info")
             .env("CALLBACK_HTTP__LISTEN", "127.0.0.1:0")
-            .env("CALLBACK_ADMIN__LISTEN", "127.0.0.1:0")
-            .env("CALLBACK_DATABASE__URL", database.url())
-            .env("CALLBACK_UPSTREAM__BASE_URL", upstream)
-            .env("CALLBACK_EXPIRY__TTL_MS", ttl.as_millis().to_string());
-        for (key, value) in env {
+            .env("CALLBACK_ADMIN__LISTEN", "127.0.0.1:0");
+        for (key, value) in &env {
             command.env(key, value);
         }
         let mut process = Process::spawn(command)?;
@@ -355,13 +385,21 @@ impl Service {
         let admin = process
             .wait_for_line(START_DEADLINE, |l| addr_after(l, "admin listening"))
             .await?;
-        Ok(Some(Self {
+        Ok(Self {
             process,
             api,
             admin,
             database,
             dir,
-        }))
+            env,
+        })
+    }
+
+    /// Kills the process with SIGKILL and waits until it is gone.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.process.signal("KILL")?;
+        self.process.wait(Duration::from_secs(10)).await?;
+        Ok(())
     }
 
     /// `http://<api>{path}`.

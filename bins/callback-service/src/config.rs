@@ -227,8 +227,14 @@ pub struct PipelineSection {
     pub max_batch: usize,
     /// Most distinct ids waiting or in flight before callbacks get 503.
     pub max_pending_ids: usize,
-    /// How long shutdown lets accepted work finish.
+    /// How long shutdown lets the fetches in flight finish.
     pub drain_grace_ms: u64,
+    /// Most callbacks committed to the inbox in one transaction (group commit).
+    pub max_group: usize,
+    /// How long a claimed id stays leased to this instance before another may take it.
+    pub lease_ms: u64,
+    /// How often to look for ids whose lease ran out and to refresh the backlog figures.
+    pub poll_interval_ms: u64,
 }
 
 impl Default for PipelineSection {
@@ -237,6 +243,9 @@ impl Default for PipelineSection {
             max_batch: 1_000,
             max_pending_ids: 1_000_000,
             drain_grace_ms: 10_000,
+            max_group: 1_024,
+            lease_ms: 30_000,
+            poll_interval_ms: 1_000,
         }
     }
 }
@@ -290,6 +299,13 @@ impl Config {
             if value == 0 {
                 bail!("invalid configuration: {key} must be greater than 0");
             }
+        }
+        if self.pipeline.lease_ms <= self.upstream.retry_deadline_ms {
+            bail!(
+                "invalid configuration: pipeline.lease_ms ({}) must be greater than upstream.retry_deadline_ms ({}), or a slow fetch would be taken over while still running",
+                self.pipeline.lease_ms,
+                self.upstream.retry_deadline_ms
+            );
         }
         let upstream = &self.upstream.base_url;
         if !(upstream.starts_with("http://") || upstream.starts_with("https://")) {
@@ -474,6 +490,7 @@ mod tests {
             ),
             ("CALLBACK_DATABASE__URL", "mysql://u:pw@x/y", "database.url"),
             ("CALLBACK_HTTP__MAX_IDZ", "3", "max_idz"),
+            ("CALLBACK_PIPELINE__LEASE_MS", "1000", "pipeline.lease_ms"),
         ];
         for &(var, value, key) in cases {
             Jail::expect_with(|jail| {

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use domain::{
-    Application, Clock, ExpiryConfig, ExpiryWaker, ObjectSource, Pipeline, PipelineConfig, Sweeper,
-    SystemClock,
+    Application, Clock, ExpiryConfig, ExpiryWaker, ObjectSource, ObjectStore, Pipeline,
+    PipelineConfig, Sweeper, SystemClock,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -54,7 +54,7 @@ fn main() -> ExitCode {
 async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(config = %config.redacted_json(), "starting callback-service {}", env!("CARGO_PKG_VERSION"));
 
-    let store = storage::open(
+    let database = storage::open(
         &config.database.url,
         &storage::StoreOptions {
             max_connections: config.database.max_connections,
@@ -81,6 +81,22 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .context("upstream.base_url")?,
     );
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let store: Arc<dyn ObjectStore> = database.clone();
+    if storage::is_single_instance(&config.database.url) {
+        // Nobody else can hold leases on an embedded database: a previous run's are stale.
+        let freed = database
+            .release(None)
+            .await
+            .context("database.url: cannot release stale leases")?;
+        if freed > 0 {
+            tracing::info!(freed, "took back work claimed by a previous run");
+        }
+    }
+    let owner = format!(
+        "callback-service-{}-{}",
+        std::process::id(),
+        clock.now().as_unix_micros()
+    );
 
     let api = TcpListener::bind(config.http.listen)
         .await
@@ -92,7 +108,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let expiry = ExpiryWaker::new();
     let pipeline = Pipeline::start(
         source,
-        Arc::clone(&store),
+        database,
         Arc::clone(&clock),
         expiry.clone(),
         PipelineConfig {
@@ -100,6 +116,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
             max_in_flight: config.upstream.max_in_flight,
             max_batch: config.pipeline.max_batch,
             max_pending_ids: config.pipeline.max_pending_ids,
+            max_group: config.pipeline.max_group,
+            lease: ms(config.pipeline.lease_ms),
+            poll_interval: ms(config.pipeline.poll_interval_ms),
+            owner,
             ..PipelineConfig::default()
         },
     );
@@ -160,7 +180,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     if let Err(err) = sweeper.await {
         tracing::error!(error = %err, "expiry sweeper panicked");
     }
-    tracing::info!(unprocessed_ids = left, "callback-service stopped");
+    tracing::info!(handed_back_ids = left, "callback-service stopped");
     Ok(())
 }
 

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::id::{DistinctIds, ObjectId};
-use crate::pipeline::{FailedFetch, PipelineHandle, PipelineStats, SubmitError};
-use crate::ports::{Clock, ObjectStore, StoreError, StoredObject};
+use crate::pipeline::{PipelineHandle, PipelineStats, SubmitError};
+use crate::ports::{Clock, FailureRecord, ObjectStore, StoreError, StoredObject};
 
 /// What an accepted callback was recorded as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +26,14 @@ pub enum AcceptError {
         /// When to try again.
         retry_after: Duration,
     },
+    /// The database could not record the callback.
+    #[error("{reason}")]
+    Unavailable {
+        /// What went wrong.
+        reason: String,
+        /// When to try again.
+        retry_after: Duration,
+    },
     /// The service is shutting down.
     #[error("the service is shutting down")]
     ShuttingDown {
@@ -39,6 +47,7 @@ impl AcceptError {
     pub fn retry_after(&self) -> Duration {
         match self {
             AcceptError::Overloaded { retry_after, .. }
+            | AcceptError::Unavailable { retry_after, .. }
             | AcceptError::ShuttingDown { retry_after } => *retry_after,
         }
     }
@@ -90,14 +99,18 @@ impl Application {
         }
     }
 
-    /// Records a callback; once this returns `Ok`, every distinct id will be processed.
+    /// Records a callback durably; once this returns `Ok`, every distinct id will be
+    /// processed, even if the service is killed right after.
     #[tracing::instrument(skip_all, fields(ids = ids.len()))]
     pub async fn accept_callback(&self, ids: DistinctIds) -> Result<Accepted, AcceptError> {
-        match self.pipeline.submit(&ids) {
-            Ok(()) => Ok(Accepted {
-                distinct: ids.len(),
-            }),
+        let distinct = ids.len();
+        match self.pipeline.submit(ids).await {
+            Ok(()) => Ok(Accepted { distinct }),
             Err(err @ SubmitError::Overloaded { .. }) => Err(AcceptError::Overloaded {
+                reason: err.to_string(),
+                retry_after: Duration::from_secs(1),
+            }),
+            Err(err @ SubmitError::Unavailable(_)) => Err(AcceptError::Unavailable {
                 reason: err.to_string(),
                 retry_after: Duration::from_secs(1),
             }),
@@ -134,8 +147,8 @@ impl Application {
         self.pipeline.stats()
     }
 
-    /// The most recent ids whose processing failed, oldest first.
-    pub fn recent_failures(&self) -> Vec<FailedFetch> {
-        self.pipeline.recent_failures()
+    /// Up to `limit` ids whose processing failed, newest first, as the database keeps them.
+    pub async fn recent_failures(&self, limit: usize) -> Result<Vec<FailureRecord>, StoreError> {
+        self.pipeline.recent_failures(limit).await
     }
 }

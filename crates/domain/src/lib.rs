@@ -17,8 +17,9 @@ pub mod testing;
 pub use app::{AcceptError, Accepted, Application, Health};
 pub use expiry::{ExpiryConfig, ExpiryWaker, Sweeper};
 pub use id::{DistinctIds, InvalidObjectId, ObjectId};
-pub use pipeline::{FailedFetch, Pipeline, PipelineConfig, PipelineHandle, PipelineStats};
+pub use pipeline::{Pipeline, PipelineConfig, PipelineHandle, PipelineStats, SubmitError};
 pub use ports::{
-    BoxFuture, Clock, FetchError, ObjectSource, ObjectStatus, ObjectStore, StoreError, StoredObject,
+    Backlog, BoxFuture, Claim, Clock, Completion, Database, FailureRecord, FetchError, Inbox,
+    ObjectSource, ObjectStatus, ObjectStore, Outcome, StoreError, StoredObject,
 };
 pub use time::{SystemClock, Timestamp};

@@ -1,25 +1,32 @@
-//! The fetch → persist pipeline: every distinct id of an accepted callback is fetched
-//! upstream by a fetch that starts after the callback was accepted, and online objects
-//! are written to the store in batches.
+//! The pipeline behind an accepted callback, around the durable [`Inbox`](crate::Inbox):
 //!
-//! Per id there is at most one fetch in flight plus one pending: a callback that names an
-//! id whose fetch is already running marks it to be fetched once more when that fetch
-//! ends; a callback that names an id still waiting for a fetch slot shares that fetch,
-//! which will start after it was accepted.
+//! 1. **Ingest (group commit).** Callbacks queue for one writer, which commits the distinct
+//!    ids of every waiting callback in one inbox transaction and only then answers them, so
+//!    `202` means durable and durability does not cap throughput.
+//! 2. **Fetch.** A dispatcher leases waiting ids from the inbox, at most `max_in_flight` at a
+//!    time, and fetches each upstream. Because an id waits in the inbox at most once and a
+//!    new request for it bumps its generation, callbacks naming the same id share one fetch
+//!    that started after all of them were accepted, and a request arriving during a fetch
+//!    gets a fetch of its own afterwards (one in flight plus one pending per id).
+//! 3. **Complete.** Outcomes are settled in batches, each in one transaction: online objects
+//!    upserted, failures recorded, inbox rows removed. A crash anywhere before that commit
+//!    leaves the lease to run out (or be released at start), and the id is fetched again.
 
-use std::collections::hash_map::Entry;
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::expiry::ExpiryWaker;
 use crate::id::{DistinctIds, ObjectId};
-use crate::ports::{Clock, FetchError, ObjectSource, ObjectStore, StoreError, StoredObject};
+use crate::ports::{
+    Backlog, Claim, Clock, Completion, Database, FailureRecord, FetchError, ObjectSource, Outcome,
+    StoreError, StoredObject,
+};
 use crate::time::Timestamp;
 
 /// How the pipeline behaves.
@@ -29,16 +36,22 @@ pub struct PipelineConfig {
     pub ttl: Duration,
     /// How many upstream fetches may be in flight at once.
     pub max_in_flight: usize,
-    /// How many objects one store write may carry.
+    /// How many outcomes one completing transaction may settle.
     pub max_batch: usize,
-    /// How many distinct ids may wait or be in flight before callbacks are refused.
+    /// How many callbacks one inbox transaction may commit together.
+    pub max_group: usize,
+    /// How many distinct ids may wait before callbacks are refused with 503.
     pub max_pending_ids: usize,
-    /// How many failures are kept for operators to read.
-    pub failures_kept: usize,
-    /// How many times a failed store write is tried before its ids are recorded as failed.
-    pub store_attempts: u32,
-    /// The first pause between store write attempts; it doubles each time.
-    pub store_retry_base: Duration,
+    /// How long a claimed id stays leased to this instance; must outlast one fetch with
+    /// all its retries, or the id is fetched twice.
+    pub lease: Duration,
+    /// How often to look for ids whose lease ran out (another instance died) and to
+    /// refresh the backlog figures.
+    pub poll_interval: Duration,
+    /// The first pause after a failed inbox operation; it doubles up to five seconds.
+    pub retry_base: Duration,
+    /// The name leases are taken under; unique per running instance.
+    pub owner: String,
 }
 
 impl Default for PipelineConfig {
@@ -47,100 +60,102 @@ impl Default for PipelineConfig {
             ttl: Duration::from_secs(30),
             max_in_flight: 512,
             max_batch: 1_000,
+            max_group: 1_024,
             max_pending_ids: 1_000_000,
-            failures_kept: 1_000,
-            store_attempts: 6,
-            store_retry_base: Duration::from_millis(100),
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(1),
+            retry_base: Duration::from_millis(100),
+            owner: "callback-service".to_owned(),
         }
     }
 }
 
-/// One id whose processing failed, kept for operators.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FailedFetch {
-    /// The object.
-    pub id: ObjectId,
-    /// A short stable code: `timeout`, `status`, `store`, …
-    pub code: &'static str,
-    /// The cause, as text.
-    pub reason: String,
-    /// When the failure was recorded.
-    pub at: Timestamp,
-}
+const MAX_RETRY_PAUSE: Duration = Duration::from_secs(5);
 
-/// Counters of what the pipeline did since start.
+/// Counters of what the pipeline did since start, and the inbox backlog.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PipelineStats {
-    /// Callbacks accepted.
+    /// Callbacks accepted (committed to the inbox).
     pub accepted_callbacks: u64,
     /// Distinct ids accepted, summed over callbacks.
     pub accepted_ids: u64,
+    /// Inbox transactions that accepted callbacks (group commits).
+    pub group_commits: u64,
     /// Upstream fetches started.
     pub fetches_started: u64,
     /// Fetches that reported the object online.
     pub online: u64,
     /// Fetches that reported the object offline.
     pub offline: u64,
-    /// Ids recorded as failed (upstream or store).
+    /// Ids recorded as failed.
     pub failed: u64,
     /// Objects written to the store.
     pub stored: u64,
-    /// Store writes done.
+    /// Completing transactions that wrote objects.
     pub store_batches: u64,
-    /// Distinct ids waiting for or in a fetch right now.
+    /// Distinct ids waiting in the inbox or being fetched (as last seen).
     pub pending_ids: u64,
+    /// How long the longest-waiting id has waited, in milliseconds (as last seen).
+    pub oldest_pending_ms: u64,
 }
 
 /// Why a callback was not accepted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubmitError {
     /// Too much work is waiting; the client should retry later.
     #[error("too many ids are waiting to be processed ({pending} of at most {limit})")]
     Overloaded {
         /// Ids waiting now.
-        pending: usize,
+        pending: u64,
         /// The configured bound.
         limit: usize,
     },
+    /// The inbox could not record the callback.
+    #[error("the callback could not be recorded: {0}")]
+    Unavailable(StoreError),
     /// The service is shutting down.
     #[error("the service is shutting down")]
     ShuttingDown,
-}
-
-#[derive(Debug, Clone, Copy)]
-enum IdState {
-    /// Waiting for a fetch slot; the fetch has not started.
-    Queued,
-    /// A fetch is running; `again` when a callback accepted after it started needs another.
-    InFlight { again: bool },
-}
-
-#[derive(Debug, Default)]
-struct WorkState {
-    ids: HashMap<ObjectId, IdState>,
-    queue: VecDeque<ObjectId>,
-    closed: bool,
 }
 
 #[derive(Debug, Default)]
 struct Counters {
     accepted_callbacks: AtomicU64,
     accepted_ids: AtomicU64,
+    group_commits: AtomicU64,
     fetches_started: AtomicU64,
     online: AtomicU64,
     offline: AtomicU64,
     failed: AtomicU64,
     stored: AtomicU64,
     store_batches: AtomicU64,
+    pending: AtomicU64,
+    /// Microseconds since the epoch of the oldest waiting request; `i64::MIN` for none.
+    oldest: AtomicI64,
+}
+
+fn add(counter: &AtomicU64, n: usize) {
+    counter.fetch_add(n as u64, Ordering::Relaxed);
 }
 
 struct Shared {
     config: PipelineConfig,
     clock: Arc<dyn Clock>,
-    work: Mutex<WorkState>,
-    work_ready: Notify,
+    db: Arc<dyn Database>,
     counters: Counters,
-    failures: Mutex<VecDeque<FailedFetch>>,
+    /// Wakes the dispatcher: new work committed, or capacity freed.
+    work_ready: Notify,
+    closed: AtomicBool,
+}
+
+impl Shared {
+    fn note_backlog(&self, backlog: Backlog) {
+        self.counters
+            .pending
+            .store(backlog.pending, Ordering::Relaxed);
+        let oldest = backlog.oldest.map_or(i64::MIN, Timestamp::as_unix_micros);
+        self.counters.oldest.store(oldest, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -151,181 +166,142 @@ impl std::fmt::Debug for Shared {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding one of these short locks cannot leave the state half-updated
-    // in a way later users could not cope with, so a poisoned lock is simply taken over.
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+struct Request {
+    ids: DistinctIds,
+    reply: oneshot::Sender<Result<(), SubmitError>>,
 }
 
-impl Shared {
-    fn record_failure(&self, id: ObjectId, code: &'static str, reason: String) {
-        self.counters.failed.fetch_add(1, Ordering::Relaxed);
-        let mut failures = lock(&self.failures);
-        if failures.len() >= self.config.failures_kept.max(1) {
-            failures.pop_front();
-        }
-        failures.push_back(FailedFetch {
-            id,
-            code,
-            reason,
-            at: self.clock.now(),
-        });
-    }
-
-    /// Takes the next queued id and marks its fetch as started.
-    fn next_id(&self) -> Option<ObjectId> {
-        let mut work = lock(&self.work);
-        let id = work.queue.pop_front()?;
-        work.ids.insert(id, IdState::InFlight { again: false });
-        Some(id)
-    }
-
-    /// Ends the fetch of `id`, queueing another one when a later callback asked for it.
-    fn finish(&self, id: ObjectId) {
-        let mut work = lock(&self.work);
-        match work.ids.get(&id) {
-            Some(IdState::InFlight { again: true }) => {
-                work.ids.insert(id, IdState::Queued);
-                work.queue.push_back(id);
-                drop(work);
-                self.work_ready.notify_one();
-            }
-            _ => {
-                work.ids.remove(&id);
-            }
-        }
-    }
-
-    fn is_done(&self) -> bool {
-        let work = lock(&self.work);
-        work.closed && work.queue.is_empty()
-    }
-}
-
-/// A cheap, cloneable handle for submitting accepted callbacks and reading the counters.
+/// A cheap, cloneable handle for submitting callbacks and reading the counters.
 #[derive(Debug, Clone)]
 pub struct PipelineHandle {
     shared: Arc<Shared>,
+    requests: mpsc::Sender<Request>,
 }
 
 impl PipelineHandle {
-    /// Hands the distinct ids of an accepted callback to the pipeline.
-    pub fn submit(&self, ids: &DistinctIds) -> Result<(), SubmitError> {
+    /// Records the distinct ids of a callback in the inbox; returns once they are durable.
+    pub async fn submit(&self, ids: DistinctIds) -> Result<(), SubmitError> {
         let shared = &self.shared;
-        let mut work = lock(&shared.work);
-        if work.closed {
+        if shared.closed.load(Ordering::Acquire) {
             return Err(SubmitError::ShuttingDown);
         }
+        let pending = shared.counters.pending.load(Ordering::Relaxed);
         let limit = shared.config.max_pending_ids;
-        if work.ids.len() + ids.len() > limit {
-            return Err(SubmitError::Overloaded {
-                pending: work.ids.len(),
-                limit,
-            });
+        if pending.saturating_add(ids.len() as u64) > limit as u64 {
+            return Err(SubmitError::Overloaded { pending, limit });
         }
-        let mut queued = 0usize;
-        for &id in ids.as_slice() {
-            match work.ids.entry(id) {
-                Entry::Vacant(slot) => {
-                    slot.insert(IdState::Queued);
-                    work.queue.push_back(id);
-                    queued += 1;
-                }
-                Entry::Occupied(mut slot) => {
-                    if let IdState::InFlight { again } = slot.get_mut() {
-                        *again = true;
-                    }
-                }
-            }
-        }
-        drop(work);
-        shared
-            .counters
-            .accepted_callbacks
-            .fetch_add(1, Ordering::Relaxed);
-        shared
-            .counters
-            .accepted_ids
-            .fetch_add(ids.len() as u64, Ordering::Relaxed);
-        for _ in 0..queued.min(shared.config.max_in_flight) {
-            shared.work_ready.notify_one();
-        }
-        Ok(())
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send(Request { ids, reply })
+            .await
+            .map_err(|_| SubmitError::ShuttingDown)?;
+        answer.await.unwrap_or(Err(SubmitError::ShuttingDown))
     }
 
-    /// The counters since start.
+    /// The counters since start, with the backlog as last seen.
     pub fn stats(&self) -> PipelineStats {
         let c = &self.shared.counters;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let oldest = c.oldest.load(Ordering::Relaxed);
+        let oldest_pending_ms = if oldest == i64::MIN {
+            0
+        } else {
+            let waited = self
+                .shared
+                .clock
+                .now()
+                .saturating_duration_since(Timestamp::from_unix_micros(oldest));
+            u64::try_from(waited.as_millis()).unwrap_or(u64::MAX)
+        };
         PipelineStats {
             accepted_callbacks: load(&c.accepted_callbacks),
             accepted_ids: load(&c.accepted_ids),
+            group_commits: load(&c.group_commits),
             fetches_started: load(&c.fetches_started),
             online: load(&c.online),
             offline: load(&c.offline),
             failed: load(&c.failed),
             stored: load(&c.stored),
             store_batches: load(&c.store_batches),
-            pending_ids: lock(&self.shared.work).ids.len() as u64,
+            pending_ids: load(&c.pending),
+            oldest_pending_ms,
         }
     }
 
-    /// The most recent failures, oldest first.
-    pub fn recent_failures(&self) -> Vec<FailedFetch> {
-        lock(&self.shared.failures).iter().cloned().collect()
+    /// Up to `limit` recorded failures, newest first.
+    pub async fn recent_failures(&self, limit: usize) -> Result<Vec<FailureRecord>, StoreError> {
+        self.shared.db.recent_failures(limit).await
     }
 }
 
-/// The running pipeline: fetch workers and the batching store writer.
+/// The running pipeline: the ingest writer, the dispatcher with its fetches, the completer
+/// and the backlog monitor.
 #[derive(Debug)]
 pub struct Pipeline {
     handle: PipelineHandle,
-    tasks: JoinSet<()>,
+    ingest: tokio::task::JoinHandle<()>,
+    dispatcher: tokio::task::JoinHandle<JoinSet<()>>,
+    completer: tokio::task::JoinHandle<()>,
+    monitor: tokio::task::JoinHandle<()>,
+    permits: Arc<Semaphore>,
+    stop_claiming: CancellationToken,
     abort: CancellationToken,
 }
 
 impl Pipeline {
-    /// Starts the workers and the writer on the current tokio runtime.
+    /// Starts the pipeline on the current tokio runtime; it at once picks up work left in
+    /// the inbox by an earlier run.
     pub fn start(
         source: Arc<dyn ObjectSource>,
-        store: Arc<dyn ObjectStore>,
+        db: Arc<dyn Database>,
         clock: Arc<dyn Clock>,
         expiry: ExpiryWaker,
         config: PipelineConfig,
     ) -> Self {
         let max_in_flight = config.max_in_flight.max(1);
         let max_batch = config.max_batch.max(1);
+        let max_group = config.max_group.max(1);
         let shared = Arc::new(Shared {
             config,
             clock,
-            work: Mutex::new(WorkState::default()),
+            db,
+            counters: Counters {
+                oldest: AtomicI64::new(i64::MIN),
+                ..Counters::default()
+            },
             work_ready: Notify::new(),
-            counters: Counters::default(),
-            failures: Mutex::new(VecDeque::new()),
+            closed: AtomicBool::new(false),
         });
+        let stop_claiming = CancellationToken::new();
         let abort = CancellationToken::new();
-        let (results_tx, results_rx) = mpsc::channel(max_batch * 2);
-        let mut tasks = JoinSet::new();
-        for _ in 0..max_in_flight {
-            tasks.spawn(fetch_worker(
-                Arc::clone(&shared),
-                Arc::clone(&source),
-                results_tx.clone(),
-                abort.clone(),
-            ));
-        }
-        drop(results_tx);
-        tasks.spawn(store_writer(
+        let permits = Arc::new(Semaphore::new(max_in_flight));
+        let (requests, requests_rx) = mpsc::channel(max_group * 2);
+        let (done_tx, done_rx) = mpsc::channel(max_in_flight);
+        let ingest = tokio::spawn(ingest(Arc::clone(&shared), requests_rx, max_group));
+        let dispatcher = tokio::spawn(dispatch(
             Arc::clone(&shared),
-            store,
+            source,
+            Arc::clone(&permits),
+            done_tx,
+            stop_claiming.clone(),
+            abort.clone(),
+        ));
+        let completer = tokio::spawn(complete(
+            Arc::clone(&shared),
             expiry,
-            results_rx,
+            done_rx,
             max_batch,
             abort.clone(),
         ));
+        let monitor = tokio::spawn(monitor(Arc::clone(&shared), stop_claiming.clone()));
         Self {
-            handle: PipelineHandle { shared },
-            tasks,
+            handle: PipelineHandle { shared, requests },
+            ingest,
+            dispatcher,
+            completer,
+            monitor,
+            permits,
+            stop_claiming,
             abort,
         }
     }
@@ -335,203 +311,299 @@ impl Pipeline {
         self.handle.clone()
     }
 
-    /// Refuses new callbacks, lets the work already accepted finish for at most `grace`,
-    /// then stops; returns how many distinct ids were left unprocessed.
-    pub async fn shutdown(mut self, grace: Duration) -> usize {
-        lock(&self.handle.shared.work).closed = true;
-        self.handle.shared.work_ready.notify_waiters();
-        let drained = tokio::time::timeout(grace, async {
-            while self.tasks.join_next().await.is_some() {}
-        })
-        .await
-        .is_ok();
-        if !drained {
-            self.abort.cancel();
-            while self.tasks.join_next().await.is_some() {}
+    /// Refuses new callbacks, stops claiming, lets the fetches in flight finish and be
+    /// recorded for at most `grace`, then hands any unfinished claim back to the inbox.
+    /// Returns how many claimed ids were handed back; accepted ids not yet claimed simply
+    /// stay in the inbox for the next run.
+    pub async fn shutdown(self, grace: Duration) -> usize {
+        let Self {
+            handle,
+            ingest,
+            dispatcher,
+            completer,
+            monitor,
+            permits,
+            stop_claiming,
+            abort,
+        } = self;
+        let shared = Arc::clone(&handle.shared);
+        shared.closed.store(true, Ordering::Release);
+        drop(handle); // the ingest writer ends once every handle is gone
+        stop_claiming.cancel();
+        let _ = monitor.await;
+        let max_in_flight = shared.config.max_in_flight.max(1);
+        let finished = async {
+            let mut fetches = dispatcher.await.unwrap_or_default();
+            while fetches.join_next().await.is_some() {}
+            // Every fetch has handed its outcome over; wait until all are committed.
+            let _all = permits.acquire_many(max_in_flight as u32).await;
+        };
+        let drained = tokio::time::timeout(grace, finished).await.is_ok();
+        let in_flight = max_in_flight - permits.available_permits();
+        abort.cancel();
+        let _ = completer.await;
+        if tokio::time::timeout(grace, ingest).await.is_err() {
+            tracing::warn!("ingest writer did not stop in time");
         }
-        let left = lock(&self.handle.shared.work).ids.len();
-        if left == 0 {
-            tracing::info!("pipeline drained");
+        match shared.db.release(Some(&shared.config.owner)).await {
+            Ok(0) => {}
+            Ok(freed) => tracing::info!(freed, "handed unfinished claims back to the inbox"),
+            Err(err) => tracing::warn!(error = %err, "could not release leases; they will run out"),
+        }
+        let backlog = shared.db.backlog().await.map(|b| b.pending).ok();
+        if drained {
+            tracing::info!(waiting_in_inbox = ?backlog, "pipeline stopped after finishing the fetches in flight");
         } else {
-            tracing::warn!(
-                left,
-                ?grace,
-                "pipeline stopped before all accepted ids were processed"
-            );
+            tracing::warn!(unfinished = in_flight, ?grace, waiting_in_inbox = ?backlog,
+                "pipeline stopped before the fetches in flight finished; they stay in the inbox");
         }
-        left
+        if drained { 0 } else { in_flight }
     }
 }
 
-enum Fetched {
-    Online(StoredObject),
+/// The group-commit writer: one inbox transaction for every callback waiting at once.
+async fn ingest(shared: Arc<Shared>, mut requests: mpsc::Receiver<Request>, max_group: usize) {
+    let mut batch = Vec::with_capacity(max_group);
+    let mut ids: Vec<ObjectId> = Vec::new();
+    let mut seen = HashSet::new();
+    loop {
+        batch.clear();
+        if requests.recv_many(&mut batch, max_group).await == 0 {
+            return; // every handle is gone
+        }
+        ids.clear();
+        seen.clear();
+        for request in &batch {
+            ids.extend(request.ids.as_slice().iter().filter(|id| seen.insert(**id)));
+        }
+        ids.sort_unstable();
+        let outcome = shared.db.enqueue(&ids, shared.clock.now()).await;
+        match &outcome {
+            Ok(()) => {
+                let c = &shared.counters;
+                add(&c.group_commits, 1);
+                add(&c.accepted_callbacks, batch.len());
+                add(&c.accepted_ids, batch.iter().map(|r| r.ids.len()).sum());
+                // An upper bound until the monitor reads the real figure.
+                add(&c.pending, ids.len());
+                shared.work_ready.notify_one();
+            }
+            Err(err) => {
+                tracing::warn!(callbacks = batch.len(), ids = ids.len(), error = %err,
+                    "inbox write failed; callbacks answered 503");
+            }
+        }
+        for request in batch.drain(..) {
+            let answer = outcome.clone().map_err(SubmitError::Unavailable);
+            let _ = request.reply.send(answer); // the client may have gone; nothing to do
+        }
+    }
 }
 
-async fn fetch_worker(
+type Done = (Completion, OwnedSemaphorePermit);
+
+/// Leases waiting ids and starts their fetches, never more than the permits allow.
+async fn dispatch(
     shared: Arc<Shared>,
     source: Arc<dyn ObjectSource>,
-    results: mpsc::Sender<Fetched>,
+    permits: Arc<Semaphore>,
+    done: mpsc::Sender<Done>,
+    stop: CancellationToken,
     abort: CancellationToken,
-) {
+) -> JoinSet<()> {
+    let mut fetches = JoinSet::new();
+    let mut pause = shared.config.retry_base;
+    let mut wait = Duration::ZERO;
     loop {
-        let Some(id) = shared.next_id() else {
-            let ready = shared.work_ready.notified();
-            tokio::pin!(ready);
-            ready.as_mut().enable();
-            if shared.is_done() {
-                return;
+        tokio::select! {
+            () = stop.cancelled() => return fetches,
+            () = shared.work_ready.notified() => {}
+            () = tokio::time::sleep(wait) => {}
+        }
+        while fetches.try_join_next().is_some() {}
+        wait = shared.config.poll_interval;
+        loop {
+            let free = permits.available_permits();
+            if free == 0 || stop.is_cancelled() {
+                break; // the completer wakes us when capacity frees up
             }
-            if let Some(id) = shared.next_id() {
-                // Someone else may be waiting on the notification we consumed.
-                shared.work_ready.notify_one();
-                if !process(&shared, &*source, &results, &abort, id).await {
-                    return;
+            let now = shared.clock.now();
+            let lease_until = now.saturating_add(shared.config.lease);
+            let claims = match shared
+                .db
+                .claim(&shared.config.owner, now, lease_until, free)
+                .await
+            {
+                Ok(claims) => {
+                    pause = shared.config.retry_base;
+                    claims
                 }
-                continue;
+                Err(err) => {
+                    tracing::warn!(error = %err, retry_in = ?pause, "cannot claim work from the inbox");
+                    wait = pause;
+                    pause = (pause * 2).min(MAX_RETRY_PAUSE);
+                    break;
+                }
+            };
+            let claimed = claims.len();
+            for claim in claims {
+                let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+                    break; // cannot happen: only this task takes permits
+                };
+                fetches.spawn(fetch(
+                    Arc::clone(&shared),
+                    Arc::clone(&source),
+                    claim,
+                    permit,
+                    done.clone(),
+                    abort.clone(),
+                ));
             }
-            tokio::select! {
-                () = &mut ready => continue,
-                () = abort.cancelled() => return,
+            if claimed < free {
+                break; // nothing more is claimable now
             }
-        };
-        if !process(&shared, &*source, &results, &abort, id).await {
-            return;
         }
     }
 }
 
-/// Fetches one id and routes the outcome; returns false when the pipeline is aborting.
-async fn process(
-    shared: &Shared,
-    source: &dyn ObjectSource,
-    results: &mpsc::Sender<Fetched>,
-    abort: &CancellationToken,
-    id: ObjectId,
-) -> bool {
-    shared
-        .counters
-        .fetches_started
-        .fetch_add(1, Ordering::Relaxed);
-    let outcome = tokio::select! {
-        outcome = source.fetch(id) => outcome,
-        () = abort.cancelled() => return false,
+/// Fetches one claimed id and hands its outcome to the completer.
+async fn fetch(
+    shared: Arc<Shared>,
+    source: Arc<dyn ObjectSource>,
+    claim: Claim,
+    permit: OwnedSemaphorePermit,
+    done: mpsc::Sender<Done>,
+    abort: CancellationToken,
+) {
+    add(&shared.counters.fetches_started, 1);
+    let id = claim.id;
+    let answer = tokio::select! {
+        answer = source.fetch(id) => answer,
+        () = abort.cancelled() => return,
     };
-    let keep_going = match outcome {
-        Ok(status) if status.id != id => {
-            let err = FetchError::IdMismatch {
+    let now = shared.clock.now();
+    let answer = answer.and_then(|status| {
+        if status.id == id {
+            Ok(status)
+        } else {
+            Err(FetchError::IdMismatch {
                 asked: id,
                 got: status.id.get(),
-            };
-            fetch_failed(shared, id, &err);
-            true
+            })
         }
+    });
+    let outcome = match answer {
         Ok(status) if status.online => {
-            shared.counters.online.fetch_add(1, Ordering::Relaxed);
-            let last_seen = shared.clock.now();
-            let object = StoredObject {
+            add(&shared.counters.online, 1);
+            Outcome::Online(StoredObject {
                 id,
-                last_seen,
-                expires_at: last_seen.saturating_add(shared.config.ttl),
-            };
-            results.send(Fetched::Online(object)).await.is_ok()
+                last_seen: now,
+                expires_at: now.saturating_add(shared.config.ttl),
+            })
         }
         Ok(_) => {
-            shared.counters.offline.fetch_add(1, Ordering::Relaxed);
-            true
+            add(&shared.counters.offline, 1);
+            Outcome::Offline
         }
         Err(err) => {
-            fetch_failed(shared, id, &err);
-            true
+            add(&shared.counters.failed, 1);
+            tracing::warn!(object_id = %id, code = err.code(), error = %err, "fetch failed");
+            Outcome::Failed(FailureRecord {
+                id,
+                code: err.code().to_owned(),
+                reason: err.to_string(),
+                at: now,
+            })
         }
     };
-    shared.finish(id);
-    keep_going
+    let _ = done.send((Completion { claim, outcome }, permit)).await;
 }
 
-fn fetch_failed(shared: &Shared, id: ObjectId, err: &FetchError) {
-    tracing::warn!(object_id = %id, code = err.code(), error = %err, "fetch failed");
-    shared.record_failure(id, err.code(), err.to_string());
-}
-
-async fn store_writer(
+/// Settles outcomes in batches, one transaction each, and frees their fetch permits.
+async fn complete(
     shared: Arc<Shared>,
-    store: Arc<dyn ObjectStore>,
     expiry: ExpiryWaker,
-    mut results: mpsc::Receiver<Fetched>,
+    mut done: mpsc::Receiver<Done>,
     max_batch: usize,
     abort: CancellationToken,
 ) {
-    let mut received = Vec::with_capacity(max_batch);
-    let mut by_id: HashMap<ObjectId, StoredObject> = HashMap::with_capacity(max_batch);
+    let mut received: Vec<Done> = Vec::with_capacity(max_batch);
+    let mut carried: Vec<Done> = Vec::new();
+    let mut seen = HashSet::new();
     loop {
-        received.clear();
-        let n = tokio::select! {
-            n = results.recv_many(&mut received, max_batch) => n,
-            () = abort.cancelled() => return,
-        };
-        if n == 0 {
-            return; // every worker is gone: the pipeline is shut down
-        }
-        // One id may have been fetched twice since the last write: keep its latest sighting,
-        // so the batch names each id once.
-        by_id.clear();
-        for Fetched::Online(object) in received.drain(..) {
-            by_id
-                .entry(object.id)
-                .and_modify(|kept| {
-                    if object.last_seen > kept.last_seen {
-                        *kept = object;
-                    }
-                })
-                .or_insert(object);
-        }
-        let batch: Vec<StoredObject> = by_id.values().copied().collect();
-        match write_with_retries(&shared, &*store, &batch, &abort).await {
-            Ok(()) => {
-                shared
-                    .counters
-                    .store_batches
-                    .fetch_add(1, Ordering::Relaxed);
-                shared
-                    .counters
-                    .stored
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                if let Some(earliest) = batch.iter().map(|o| o.expires_at).min() {
-                    expiry.offer(earliest);
-                }
+        if carried.is_empty() {
+            let n = tokio::select! {
+                n = done.recv_many(&mut received, max_batch) => n,
+                () = abort.cancelled() => return,
+            };
+            if n == 0 {
+                return; // every fetch and the dispatcher are gone
             }
+        } else {
+            received.append(&mut carried);
+        }
+        // A batch names each id once; a second outcome for the same id waits for the next.
+        seen.clear();
+        let (batch, later): (Vec<Done>, Vec<Done>) = received
+            .drain(..)
+            .partition(|(c, _)| seen.insert(c.claim.id));
+        carried = later;
+        let completions: Vec<Completion> = batch.iter().map(|(c, _)| c.clone()).collect();
+        if !settle(&shared, &completions, &abort).await {
+            return; // aborting: the leases are released by shutdown
+        }
+        let online: Vec<&StoredObject> = completions
+            .iter()
+            .filter_map(|c| match &c.outcome {
+                Outcome::Online(object) => Some(object),
+                _ => None,
+            })
+            .collect();
+        if let Some(earliest) = online.iter().map(|o| o.expires_at).min() {
+            add(&shared.counters.store_batches, 1);
+            add(&shared.counters.stored, online.len());
+            expiry.offer(earliest);
+        }
+        let c = &shared.counters;
+        let _ = c
+            .pending
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| {
+                Some(p.saturating_sub(completions.len() as u64))
+            });
+        drop(batch); // frees the permits
+        shared.work_ready.notify_one();
+    }
+}
+
+/// Commits one batch of outcomes, retrying while the database is away; false when aborted.
+async fn settle(shared: &Shared, completions: &[Completion], abort: &CancellationToken) -> bool {
+    let mut pause = shared.config.retry_base;
+    loop {
+        match shared.db.complete(&shared.config.owner, completions).await {
+            Ok(()) => return true,
             Err(err) => {
-                tracing::error!(ids = batch.len(), error = %err, "store write failed for good; ids recorded as failed");
-                for object in &batch {
-                    shared.record_failure(object.id, "store", err.to_string());
+                tracing::warn!(ids = completions.len(), error = %err, retry_in = ?pause,
+                    "cannot record fetch outcomes; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = abort.cancelled() => return false,
                 }
+                pause = (pause * 2).min(MAX_RETRY_PAUSE);
             }
         }
     }
 }
 
-async fn write_with_retries(
-    shared: &Shared,
-    store: &dyn ObjectStore,
-    batch: &[StoredObject],
-    abort: &CancellationToken,
-) -> Result<(), StoreError> {
-    let attempts = shared.config.store_attempts.max(1);
-    let mut pause = shared.config.store_retry_base;
-    let mut attempt = 1;
+/// Keeps the backlog figures fresh.
+async fn monitor(shared: Arc<Shared>, stop: CancellationToken) {
     loop {
-        match store.upsert_seen(batch).await {
-            Ok(()) => return Ok(()),
-            Err(err) if attempt >= attempts => return Err(err),
-            Err(err) => {
-                tracing::warn!(attempt, ids = batch.len(), error = %err, retry_in = ?pause, "store write failed; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(pause) => {}
-                    () = abort.cancelled() => return Err(err),
-                }
-                pause = (pause * 2).min(Duration::from_secs(5));
-                attempt += 1;
-            }
+        match shared.db.backlog().await {
+            Ok(backlog) => shared.note_backlog(backlog),
+            Err(err) => tracing::debug!(error = %err, "cannot read the inbox backlog"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(shared.config.poll_interval) => {}
+            () = stop.cancelled() => return,
         }
     }
 }

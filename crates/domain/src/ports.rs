@@ -134,6 +134,116 @@ pub trait ObjectStore: Send + Sync + 'static {
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
 }
 
+/// One waiting id as a worker claimed it from the [`Inbox`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    /// The object to fetch.
+    pub id: ObjectId,
+    /// How many times the id was requested while waiting, when it was claimed; a fetch
+    /// serves exactly the requests counted here.
+    pub generation: i64,
+}
+
+/// What became of one claimed id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The upstream reported it online: store or refresh it.
+    Online(StoredObject),
+    /// The upstream reported it offline: nothing is written.
+    Offline,
+    /// Processing failed for good: the failure is recorded.
+    Failed(FailureRecord),
+}
+
+/// A claim and its outcome, handed back to the [`Inbox`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    /// The claim this settles.
+    pub claim: Claim,
+    /// What became of it.
+    pub outcome: Outcome,
+}
+
+/// An id whose processing failed, as operators read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailureRecord {
+    /// The object.
+    pub id: ObjectId,
+    /// A short stable code: `timeout`, `status`, `malformed`, …
+    pub code: String,
+    /// The cause, as text.
+    pub reason: String,
+    /// When the failure was recorded.
+    pub at: Timestamp,
+}
+
+/// How much work waits in the inbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Backlog {
+    /// Distinct ids waiting or being fetched.
+    pub pending: u64,
+    /// When the longest-waiting of them was first requested.
+    pub oldest: Option<Timestamp>,
+}
+
+/// The durable inbox of accepted work: a callback is accepted once its ids are in it, and
+/// an id leaves it only together with the recorded outcome of a fetch that started after
+/// every request it serves.
+///
+/// An id waits at most once: requesting a waiting id again bumps its generation. Workers
+/// lease ids for a while; a lease that runs out (its holder died) makes the id claimable
+/// again, so several instances can share one database.
+pub trait Inbox: Send + Sync + 'static {
+    /// Records in one transaction that each of `ids` (each named once) was requested at
+    /// `at`; returns once that is durable.
+    fn enqueue<'a>(
+        &'a self,
+        ids: &'a [ObjectId],
+        at: Timestamp,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Leases to `owner`, until `lease_until`, up to `limit` ids whose lease is free or ran
+    /// out at `now`, longest-waiting first.
+    fn claim<'a>(
+        &'a self,
+        owner: &'a str,
+        now: Timestamp,
+        lease_until: Timestamp,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Claim>, StoreError>>;
+
+    /// Settles claims of `owner` in one transaction: upserts the online objects (as
+    /// [`ObjectStore::upsert_seen`] does), records the failures, removes each id still
+    /// leased to `owner` whose generation is the claimed one, and frees the lease of those
+    /// requested again since they were claimed so they are fetched once more. An id no
+    /// longer leased to `owner` (its lease ran out and another instance took it over) is
+    /// left to its new holder, so a late completion never removes a newer request.
+    /// `done` names each id once.
+    fn complete<'a>(
+        &'a self,
+        owner: &'a str,
+        done: &'a [Completion],
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Frees the leases held by `owner`, or every lease when `owner` is `None` (at the
+    /// start of the only instance using the database); returns how many were freed.
+    fn release<'a>(&'a self, owner: Option<&'a str>) -> BoxFuture<'a, Result<u64, StoreError>>;
+
+    /// How many ids wait, and since when.
+    fn backlog(&self) -> BoxFuture<'_, Result<Backlog, StoreError>>;
+
+    /// Up to `limit` recorded failures, newest first.
+    fn recent_failures(
+        &self,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<FailureRecord>, StoreError>>;
+}
+
+/// A database that is both the object store and the inbox, as every adapter is.
+pub trait Database: ObjectStore + Inbox {}
+
+impl<T: ObjectStore + Inbox> Database for T {}
+
 /// Tells the time; lets tests drive it.
 pub trait Clock: Send + Sync + 'static {
     /// The current wall-clock instant.
@@ -149,5 +259,11 @@ impl std::fmt::Debug for dyn ObjectStore {
 impl std::fmt::Debug for dyn Clock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("dyn Clock")
+    }
+}
+
+impl std::fmt::Debug for dyn Inbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("dyn Inbox")
     }
 }

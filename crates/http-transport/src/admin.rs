@@ -37,11 +37,15 @@ struct FailuresJson {
     failures: Vec<FailureJson>,
 }
 
-/// The most recent ids whose processing failed, oldest first.
+/// How many failures `GET /failures` lists.
+const FAILURES_LISTED: usize = 1_000;
+
+/// The most recent ids whose processing failed, newest first, as the database keeps them.
 async fn failures(state: Arc<AdminState>, _: Request<Incoming>, _: PathParams) -> HandlerResult {
     let failures = state
         .app
-        .recent_failures()
+        .recent_failures(FAILURES_LISTED)
+        .await?
         .into_iter()
         .map(FailureJson::from)
         .collect();

@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat};
-use domain::{FailedFetch, PipelineStats, StoredObject, Timestamp};
+use domain::{FailureRecord, PipelineStats, StoredObject, Timestamp};
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
 use serde::ser::{Error as _, SerializeStruct as _};
@@ -67,6 +67,7 @@ impl Serialize for ObjectJson {
 pub(crate) struct StatsJson {
     accepted_callbacks: u64,
     accepted_ids: u64,
+    group_commits: u64,
     fetches_started: u64,
     online: u64,
     offline: u64,
@@ -74,6 +75,7 @@ pub(crate) struct StatsJson {
     stored: u64,
     store_batches: u64,
     pending_ids: u64,
+    oldest_pending_ms: u64,
 }
 
 impl From<PipelineStats> for StatsJson {
@@ -82,6 +84,7 @@ impl From<PipelineStats> for StatsJson {
         let PipelineStats {
             accepted_callbacks,
             accepted_ids,
+            group_commits,
             fetches_started,
             online,
             offline,
@@ -89,10 +92,12 @@ impl From<PipelineStats> for StatsJson {
             stored,
             store_batches,
             pending_ids,
+            oldest_pending_ms,
         } = stats;
         Self {
             accepted_callbacks,
             accepted_ids,
+            group_commits,
             fetches_started,
             online,
             offline,
@@ -100,6 +105,7 @@ impl From<PipelineStats> for StatsJson {
             stored,
             store_batches,
             pending_ids,
+            oldest_pending_ms,
         }
     }
 }
@@ -108,13 +114,13 @@ impl From<PipelineStats> for StatsJson {
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct FailureJson {
     id: i64,
-    code: &'static str,
+    code: String,
     reason: String,
     at: Rfc3339,
 }
 
-impl From<FailedFetch> for FailureJson {
-    fn from(failure: FailedFetch) -> Self {
+impl From<FailureRecord> for FailureJson {
+    fn from(failure: FailureRecord) -> Self {
         Self {
             id: failure.id.get(),
             code: failure.code,

@@ -1,10 +1,14 @@
-//! diesel + diesel-async adapters of the [`domain::ObjectStore`] port.
+//! diesel + diesel-async adapters of the [`domain::ObjectStore`] and
+//! [`domain::ports::Inbox`] ports.
 //!
 //! [`open`] reads a database url and returns the matching store with its migrations
-//! applied: `sqlite://<path>` gives the embedded [`SqliteStore`], `postgres://…` and
-//! `postgresql://…` the production [`PgStore`]. With the `testing` feature,
+//! applied, as one [`Database`] (callers upcast it to `Arc<dyn ObjectStore>` or
+//! `Arc<dyn Inbox>`): `sqlite://<path>` gives the embedded [`SqliteStore`], `postgres://…`
+//! and `postgresql://…` the production [`PgStore`]. [`is_single_instance`] tells whether
+//! the url's database serves one instance only. With the `testing` feature,
 //! [`testing::TestDatabase`] gives tests a throwaway PostgreSQL database.
 
+mod inbox;
 mod postgres;
 mod sqlite;
 #[cfg(any(test, feature = "testing"))]
@@ -14,8 +18,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use domain::ObjectStore;
+use domain::ports::Database;
 
+pub use inbox::FAILURES_KEPT;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -119,11 +124,21 @@ pub enum OpenError {
 /// absolute, as in `sqlite:///var/lib/callback-service/db`); the file and its parent
 /// directory are created when missing. `postgres://…` and `postgresql://…` urls open
 /// a [`PgStore`] on that database, which must exist. No error repeats the url's password.
-pub async fn open(url: &str, options: &StoreOptions) -> Result<Arc<dyn ObjectStore>, OpenError> {
+pub async fn open(url: &str, options: &StoreOptions) -> Result<Arc<dyn Database>, OpenError> {
     match DatabaseUrl::parse(url)? {
         DatabaseUrl::Sqlite(path) => Ok(Arc::new(SqliteStore::open(path, options).await?)),
         DatabaseUrl::Postgres => Ok(Arc::new(PgStore::open(url, options).await?)),
     }
+}
+
+/// Whether the database `url` names serves a single service instance, which may then free
+/// every inbox lease at start (`Inbox::release(None)`): true for SQLite, false for
+/// PostgreSQL (several instances share it) and for a url [`open`] refuses.
+///
+/// An embedded SQLite file belongs to the one process that opens it: the leases found at
+/// start were held by that process's previous run, which is gone.
+pub fn is_single_instance(url: &str) -> bool {
+    matches!(DatabaseUrl::parse(url), Ok(DatabaseUrl::Sqlite(_)))
 }
 
 /// A database url, split by backend.
@@ -227,6 +242,19 @@ mod tests {
             assert!(matches!(err, OpenError::MissingScheme), "{url:?}: {err}");
             assert!(!err.to_string().contains("hunter2"));
         }
+    }
+
+    #[test]
+    fn only_sqlite_serves_a_single_instance() {
+        assert!(is_single_instance("sqlite://data/callback-service.db"));
+        assert!(is_single_instance("SQLITE:///var/lib/x.db"));
+        assert!(!is_single_instance(
+            "postgres://postgres@127.0.0.1:5432/postgres"
+        ));
+        assert!(!is_single_instance("postgresql://db/app"));
+        assert!(!is_single_instance("sqlite://"));
+        assert!(!is_single_instance("mysql://db/app"));
+        assert!(!is_single_instance("data/x.db"));
     }
 
     #[test]

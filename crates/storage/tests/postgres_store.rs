@@ -8,7 +8,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use domain::{ObjectId, ObjectStore, StoreError, StoredObject, Timestamp};
+use domain::ports::Database;
+use domain::{ObjectId, StoreError, StoredObject, Timestamp};
 use storage::testing::TestDatabase;
 use storage::{OpenError, PgStore, StoreOptions};
 use tokio::time::{Instant, timeout};
@@ -35,7 +36,7 @@ async fn direct(url: &str) -> tokio_postgres::Client {
     client
 }
 
-async fn open(url: &str) -> Arc<dyn ObjectStore> {
+async fn open(url: &str) -> Arc<dyn Database> {
     storage::open(url, &StoreOptions::default())
         .await
         .expect("open the postgresql store")
@@ -103,6 +104,123 @@ async fn the_schema_is_what_operators_read() {
     assert!(indexes[1].1.contains("UNIQUE INDEX"), "{indexes:?}");
 }
 
+/// The columns of `table` as `(name, type, nullable)`.
+async fn columns(client: &tokio_postgres::Client, table: &str) -> Vec<(String, String, String)> {
+    client
+        .query(
+            "SELECT column_name::text, data_type::text, is_nullable::text \
+             FROM information_schema.columns WHERE table_name = $1 \
+             ORDER BY ordinal_position",
+            &[&table],
+        )
+        .await
+        .expect("columns")
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect()
+}
+
+fn owned(columns: &[(&str, &str, &str)]) -> Vec<(String, String, String)> {
+    columns
+        .iter()
+        .map(|(a, b, c)| ((*a).to_owned(), (*b).to_owned(), (*c).to_owned()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_inbox_schema_is_what_operators_read() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    open(&db.url).await;
+    let client = direct(&db.url).await;
+
+    assert_eq!(
+        columns(&client, "inbox").await,
+        owned(&[
+            ("object_id", "bigint", "NO"),
+            ("generation", "bigint", "NO"),
+            ("requested_at", "timestamp with time zone", "NO"),
+            ("lease_owner", "text", "YES"),
+            ("lease_until", "timestamp with time zone", "YES"),
+        ])
+    );
+    assert_eq!(
+        columns(&client, "fetch_failures").await,
+        owned(&[
+            ("seq", "bigint", "NO"),
+            ("object_id", "bigint", "NO"),
+            ("code", "text", "NO"),
+            ("reason", "text", "NO"),
+            ("failed_at", "timestamp with time zone", "NO"),
+        ])
+    );
+    let indexes: Vec<(String, String)> = client
+        .query(
+            "SELECT indexname::text, indexdef FROM pg_indexes \
+             WHERE tablename IN ('inbox', 'fetch_failures') ORDER BY indexname",
+            &[],
+        )
+        .await
+        .expect("indexes")
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let names: Vec<&str> = indexes.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "fetch_failures_pkey",
+            "inbox_pkey",
+            "inbox_requested_at_idx"
+        ]
+    );
+    assert!(
+        indexes[2].1.ends_with("USING btree (requested_at)"),
+        "{indexes:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_claim_skips_ids_another_session_has_locked() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = open(&db.url).await;
+    let at = |micros: i64| Timestamp::from_unix_micros(T0 + micros);
+    let ids: Vec<ObjectId> = (1..=3)
+        .map(|i| ObjectId::new(i).expect("non-negative"))
+        .collect();
+    store.enqueue(&ids, at(0)).await.expect("enqueue");
+
+    // Another instance is claiming id 2 right now and has not committed yet.
+    let mut client = direct(&db.url).await;
+    let other = client.transaction().await.expect("begin");
+    other
+        .batch_execute("SELECT * FROM inbox WHERE object_id = 2 FOR UPDATE")
+        .await
+        .expect("lock row 2");
+
+    let claims = timeout(
+        Duration::from_secs(10),
+        store.claim("a", at(1), at(1_000_000), 10),
+    )
+    .await
+    .expect("the claim does not wait for locked rows")
+    .expect("claim");
+    let mut claimed: Vec<i64> = claims.iter().map(|c| c.id.get()).collect();
+    claimed.sort_unstable();
+    assert_eq!(claimed, [1, 3]);
+
+    other.rollback().await.expect("release the lock");
+    let claims = store
+        .claim("b", at(2), at(1_000_000), 10)
+        .await
+        .expect("claim");
+    assert_eq!(claims.len(), 1);
+    assert_eq!(claims[0].id.get(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn stored_times_are_the_instants_operators_read() {
     let Some(db) = TestDatabase::create().await else {
@@ -167,7 +285,7 @@ async fn instances_opening_a_fresh_database_together_all_succeed() {
         .await
         .expect("migrations table")
         .get(0);
-    assert_eq!(applied, 1, "the one migration was recorded once");
+    assert_eq!(applied, 2, "each of the two migrations was recorded once");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -444,7 +562,8 @@ async fn a_closed_port_fails_to_open_without_the_password() {
         &StoreOptions::default(),
     )
     .await
-    .expect_err("nothing listens on port 1");
+    .err()
+    .expect("nothing listens on port 1");
     assert!(
         matches!(&err, OpenError::PostgresConnect { server, .. } if server == "127.0.0.1:1/app"),
         "{err:?}"

@@ -1,12 +1,13 @@
-//! The `ObjectStore` conformance suite against `SqliteStore`, on a fresh file per case.
+//! The `ObjectStore` and `Inbox` conformance suites against `SqliteStore`, on a fresh file
+//! per case.
 
 use std::sync::Arc;
 
-use domain::ObjectStore;
+use domain::ports::Database;
 use storage::{SqliteStore, StoreOptions};
 use tempfile::TempDir;
 
-async fn fresh_store() -> (Arc<dyn ObjectStore>, TempDir) {
+async fn fresh_store() -> (Arc<dyn Database>, TempDir) {
     let dir = tempfile::tempdir().expect("create a temporary directory");
     let store = SqliteStore::open(dir.path().join("store.db"), &StoreOptions::default())
         .await
@@ -15,6 +16,11 @@ async fn fresh_store() -> (Arc<dyn ObjectStore>, TempDir) {
 }
 
 domain::object_store_conformance!(
+    #[tokio::test(flavor = "multi_thread")]
+    fresh_store()
+);
+
+domain::inbox_conformance!(
     #[tokio::test(flavor = "multi_thread")]
     fresh_store()
 );

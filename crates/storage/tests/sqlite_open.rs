@@ -1,5 +1,5 @@
 //! `storage::open` with SQLite urls: files, directories, migrations, the schema operators
-//! read, and refusals of urls it cannot serve.
+//! read, the inbox across a restart, and refusals of urls it cannot serve.
 
 use std::path::Path;
 
@@ -7,6 +7,9 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
 use domain::{ObjectId, StoredObject, Timestamp};
 use storage::{OpenError, StoreOptions};
+
+// `storage::open` returns an `Arc<dyn Database>`, which has no `Debug`: refusals are read
+// with `.err().expect(…)` rather than `expect_err`.
 
 fn url(path: &Path) -> String {
     format!("sqlite://{}", path.display())
@@ -96,7 +99,7 @@ async fn opening_twice_applies_the_migrations_once() {
     let applied: Count = diesel::sql_query("SELECT count(*) AS n FROM __diesel_schema_migrations")
         .get_result(&mut conn)
         .expect("migrations table");
-    assert_eq!(applied.n, 1);
+    assert_eq!(applied.n, 2, "both migrations were recorded once");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -169,10 +172,119 @@ async fn the_schema_is_what_operators_read() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_inbox_schema_is_what_operators_read() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("schema.db");
+    storage::open(&url(&path), &StoreOptions::default())
+        .await
+        .expect("open");
+    let mut conn = direct(&path);
+
+    assert_eq!(
+        names(
+            &mut conn,
+            "SELECT name FROM pragma_table_info('inbox') ORDER BY cid"
+        ),
+        [
+            "object_id",
+            "generation",
+            "requested_at",
+            "lease_owner",
+            "lease_until"
+        ]
+    );
+    assert_eq!(
+        names(
+            &mut conn,
+            "SELECT name FROM pragma_table_info('inbox') WHERE \"notnull\" = 0 ORDER BY cid"
+        ),
+        ["lease_owner", "lease_until"]
+    );
+    assert_eq!(
+        names(
+            &mut conn,
+            "SELECT name FROM pragma_table_info('fetch_failures') ORDER BY cid"
+        ),
+        ["seq", "object_id", "code", "reason", "failed_at"]
+    );
+    assert_eq!(
+        names(
+            &mut conn,
+            "SELECT name FROM pragma_index_list('inbox') WHERE origin = 'c'"
+        ),
+        ["inbox_requested_at_idx"]
+    );
+    // Claims walk the index oldest first instead of sorting the whole inbox.
+    let plan: Vec<Plan> = diesel::sql_query(
+        "EXPLAIN QUERY PLAN SELECT object_id FROM inbox \
+         WHERE lease_until IS NULL OR lease_until <= 0 ORDER BY requested_at LIMIT 10",
+    )
+    .load(&mut conn)
+    .expect("query plan");
+    assert!(
+        plan.iter()
+            .any(|step| step.detail.contains("inbox_requested_at_idx")),
+        "{plan:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_inbox_survives_a_restart_and_its_leases_can_be_freed() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("restart.db");
+    assert!(storage::is_single_instance(&url(&path)));
+    let at = |micros: i64| Timestamp::from_unix_micros(1_700_000_000_000_001 + micros);
+    let ids: Vec<ObjectId> = (0..10)
+        .map(|i| ObjectId::new(i).expect("non-negative"))
+        .collect();
+    {
+        let store = storage::open(&url(&path), &StoreOptions::default())
+            .await
+            .expect("open");
+        store.enqueue(&ids, at(0)).await.expect("enqueue");
+        let claims = store
+            .claim("first-run", at(1), at(60_000_000), 4)
+            .await
+            .expect("claim");
+        assert_eq!(claims.len(), 4);
+        // The process dies here, with four ids leased.
+    }
+    let store = storage::open(&url(&path), &StoreOptions::default())
+        .await
+        .expect("reopen");
+    assert_eq!(
+        store.backlog().await.expect("backlog"),
+        domain::ports::Backlog {
+            pending: 10,
+            oldest: Some(at(0)),
+        }
+    );
+    assert_eq!(
+        store
+            .claim("second-run", at(2), at(60_000_000), 100)
+            .await
+            .expect("claim")
+            .len(),
+        6,
+        "the dead run's leases still hold"
+    );
+    assert_eq!(store.release(None).await.expect("release"), 10);
+    assert_eq!(
+        store
+            .claim("second-run", at(3), at(60_000_000), 100)
+            .await
+            .expect("claim")
+            .len(),
+        10
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_unknown_scheme_is_named_in_the_error() {
     let err = storage::open("mysql://root:hunter2@db/app", &StoreOptions::default())
         .await
-        .expect_err("mysql is not supported");
+        .err()
+        .expect("mysql is not supported");
     assert!(
         matches!(&err, OpenError::UnsupportedScheme { scheme } if scheme == "mysql"),
         "{err:?}"
@@ -189,7 +301,8 @@ async fn a_file_that_is_not_a_database_fails_to_open() {
     std::fs::write(&path, vec![0x5a_u8; 8_192]).expect("write garbage");
     let err = storage::open(&url(&path), &StoreOptions::default())
         .await
-        .expect_err("not a database");
+        .err()
+        .expect("not a database");
     assert!(
         matches!(err, OpenError::Connect { .. } | OpenError::Migrate(_)),
         "{err:?}"
@@ -205,6 +318,7 @@ async fn zero_connections_is_refused() {
     };
     let err = storage::open(&url(&dir.path().join("x.db")), &options)
         .await
-        .expect_err("zero connections");
+        .err()
+        .expect("zero connections");
     assert!(matches!(err, OpenError::InvalidOptions(_)), "{err:?}");
 }

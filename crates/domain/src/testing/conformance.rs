@@ -1,34 +1,41 @@
-//! The conformance suite of the [`ObjectStore`] port: written once, run against the
-//! in-memory fake and every database adapter.
+//! The conformance suites of the [`ObjectStore`] and [`Inbox`](crate::ports::Inbox) ports:
+//! written once, run against the in-memory fake and every database adapter.
 //!
 //! Each case is a public async function that takes a fresh, empty store and panics when
 //! the store breaks the port's contract. Times are fixed [`Timestamp`]s: no clock, no
-//! sleeps. [`object_store_conformance!`](crate::object_store_conformance) turns the whole
-//! list into one `#[tokio::test]` per case, so an adapter's test file is a few lines:
+//! sleeps. [`object_store_conformance!`](crate::object_store_conformance) and
+//! [`inbox_conformance!`](crate::inbox_conformance) turn each list into one
+//! `#[tokio::test]` per case, so an adapter's test file is a few lines:
 //!
 //! ```text
-//! async fn fixture() -> (Arc<dyn ObjectStore>, tempfile::TempDir) { /* a fresh store */ }
+//! async fn fixture() -> (Arc<dyn Database>, tempfile::TempDir) { /* a fresh store */ }
 //!
 //! domain::object_store_conformance!(#[tokio::test(flavor = "multi_thread")] fixture());
+//! domain::inbox_conformance!(#[tokio::test(flavor = "multi_thread")] fixture());
 //! ```
+//!
+//! The inbox cases are named `inbox_…`, so both macros can share a module.
 //!
 //! A fixture that needs something the machine may lack (a database server) yields an
 //! `Option` of a fixture instead: `None` skips the case, which then passes without running.
 //! Saying loudly why is the fixture's job.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::id::ObjectId;
-use crate::ports::{ObjectStore, StoredObject};
+use crate::ports::{
+    Backlog, Claim, Completion, Database, FailureRecord, ObjectStore, Outcome, StoredObject,
+};
 use crate::time::Timestamp;
 
 /// What a store fixture hands to a case: the store, plus anything that must outlive it.
 ///
-/// Implemented for `Arc<S>`, `Arc<dyn ObjectStore>` and `(Arc<dyn ObjectStore>, G)`, where
-/// `G` is a guard kept alive until the case ends (a temporary directory, a database that
-/// is dropped afterwards), and for `Option` of any of these, where `None` skips the case.
+/// Implemented for `Arc<S>`, `Arc<dyn ObjectStore>`, `Arc<dyn Database>`,
+/// `(Arc<dyn ObjectStore>, G)` and `(Arc<dyn Database>, G)`, where `G` is a guard kept
+/// alive until the case ends (a temporary directory, a database that is dropped
+/// afterwards), and for `Option` of any of these, where `None` skips the case.
 pub trait StoreFixture {
     /// The store under test; called only when [`skipped`](Self::skipped) is false.
     fn store(&self) -> Arc<dyn ObjectStore>;
@@ -51,9 +58,21 @@ impl<S: ObjectStore> StoreFixture for Arc<S> {
     }
 }
 
+impl StoreFixture for Arc<dyn Database> {
+    fn store(&self) -> Arc<dyn ObjectStore> {
+        Arc::clone(self) as Arc<dyn ObjectStore>
+    }
+}
+
 impl<G> StoreFixture for (Arc<dyn ObjectStore>, G) {
     fn store(&self) -> Arc<dyn ObjectStore> {
         Arc::clone(&self.0)
+    }
+}
+
+impl<G> StoreFixture for (Arc<dyn Database>, G) {
+    fn store(&self) -> Arc<dyn ObjectStore> {
+        Arc::clone(&self.0) as Arc<dyn ObjectStore>
     }
 }
 
@@ -66,6 +85,51 @@ impl<F: StoreFixture> StoreFixture for Option<F> {
 
     fn skipped(&self) -> bool {
         self.as_ref().is_none_or(StoreFixture::skipped)
+    }
+}
+
+/// What a database fixture hands to an inbox case: the database (object store and inbox
+/// in one), plus anything that must outlive it.
+///
+/// Implemented like [`StoreFixture`]: for `Arc<S>`, `Arc<dyn Database>`,
+/// `(Arc<dyn Database>, G)` and `Option` of any of these, where `None` skips the case.
+pub trait DatabaseFixture {
+    /// The database under test; called only when [`skipped`](Self::skipped) is false.
+    fn database(&self) -> Arc<dyn Database>;
+
+    /// Whether the case is skipped because the fixture could not be made here.
+    fn skipped(&self) -> bool {
+        false
+    }
+}
+
+impl DatabaseFixture for Arc<dyn Database> {
+    fn database(&self) -> Arc<dyn Database> {
+        Arc::clone(self)
+    }
+}
+
+impl<S: Database> DatabaseFixture for Arc<S> {
+    fn database(&self) -> Arc<dyn Database> {
+        Arc::clone(self) as Arc<dyn Database>
+    }
+}
+
+impl<G> DatabaseFixture for (Arc<dyn Database>, G) {
+    fn database(&self) -> Arc<dyn Database> {
+        Arc::clone(&self.0)
+    }
+}
+
+impl<F: DatabaseFixture> DatabaseFixture for Option<F> {
+    fn database(&self) -> Arc<dyn Database> {
+        self.as_ref()
+            .expect("a skipped fixture has no database")
+            .database()
+    }
+
+    fn skipped(&self) -> bool {
+        self.as_ref().is_none_or(DatabaseFixture::skipped)
     }
 }
 
@@ -122,6 +186,68 @@ macro_rules! __object_store_conformance_cases {
                 }
                 let store = $crate::testing::conformance::StoreFixture::store(&fixture);
                 $crate::testing::conformance::$case(store).await;
+                drop(fixture);
+            }
+        )+
+    };
+}
+
+/// Runs every case of the [`Inbox`](crate::ports::Inbox) suite as a `#[tokio::test]` of its
+/// own.
+///
+/// Used like [`object_store_conformance!`](crate::object_store_conformance), with a
+/// fixture that gives a [`DatabaseFixture`] (the database under test is both the object
+/// store and the inbox). A fixture of `None` skips the case. Some cases run several tasks
+/// at once: adapters that block a thread per call want
+/// `#[tokio::test(flavor = "multi_thread")]`.
+#[macro_export]
+macro_rules! inbox_conformance {
+    (#[$test:meta] $fixture:expr $(,)?) => {
+        $crate::__inbox_conformance_cases! {
+            [$test] [$fixture]
+            inbox_enqueue_then_claim_gives_each_id_once,
+            inbox_a_repeated_request_bumps_the_generation,
+            inbox_a_lease_hides_an_id_until_it_runs_out,
+            inbox_claim_takes_the_longest_waiting_first_up_to_the_limit,
+            inbox_complete_settles_each_outcome,
+            inbox_failures_are_listed_newest_first,
+            inbox_complete_after_a_new_request_keeps_the_id_and_frees_it,
+            inbox_completing_twice_is_harmless,
+            inbox_a_late_completion_never_removes_a_newer_request,
+            inbox_release_frees_one_owner_or_every_lease,
+            inbox_backlog_counts_waiting_and_leased_ids,
+            inbox_empty_input_is_a_no_op,
+            inbox_smallest_and_largest_ids,
+            inbox_ten_thousand_ids_in_one_enqueue,
+            inbox_concurrent_enqueues_leave_one_row_per_id,
+            inbox_concurrent_claimers_never_share_an_id,
+            inbox_failures_are_pruned_to_the_newest_ten_thousand,
+            inbox_every_request_is_served_by_a_later_fetch,
+        }
+    };
+    ($fixture:expr $(,)?) => {
+        $crate::inbox_conformance!(
+            #[::tokio::test]
+            $fixture
+        );
+    };
+}
+
+/// Expands to one test per named case; an implementation detail of
+/// [`inbox_conformance!`](crate::inbox_conformance).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __inbox_conformance_cases {
+    ([$test:meta] [$fixture:expr] $($case:ident),+ $(,)?) => {
+        $(
+            #[$test]
+            async fn $case() {
+                let fixture = $fixture.await;
+                if $crate::testing::conformance::DatabaseFixture::skipped(&fixture) {
+                    return;
+                }
+                let database = $crate::testing::conformance::DatabaseFixture::database(&fixture);
+                $crate::testing::conformance::$case(database).await;
                 drop(fixture);
             }
         )+
@@ -519,6 +645,753 @@ pub async fn empty_batch_is_a_no_op(store: Arc<dyn ObjectStore>) {
     assert_eq!(all_live(store, at(0)).await, vec![object]);
 }
 
+// ---------------------------------------------------------------------------------------
+// The Inbox suite.
+// ---------------------------------------------------------------------------------------
+
+/// Lease owners, as worker instances name themselves.
+const OWNER_A: &str = "instance-a";
+const OWNER_B: &str = "instance-b";
+const OWNER_C: &str = "instance-c";
+
+/// How long the cases' leases last unless a case says otherwise: far past every `now`.
+const LEASE: Duration = Duration::from_secs(600);
+
+/// How many failures the adapters keep (the newest ones).
+const FAILURES_KEPT: usize = 10_000;
+
+async fn enqueue(db: &dyn Database, raw_ids: &[i64], at: Timestamp) {
+    let ids: Vec<ObjectId> = raw_ids.iter().map(|&raw| id(raw)).collect();
+    db.enqueue(&ids, at).await.expect("enqueue failed");
+}
+
+/// Claims up to `limit` ids for `owner` at `now`, leased for [`LEASE`].
+async fn claim(db: &dyn Database, owner: &str, now: Timestamp, limit: usize) -> Vec<Claim> {
+    claim_until(db, owner, now, now.saturating_add(LEASE), limit).await
+}
+
+async fn claim_until(
+    db: &dyn Database,
+    owner: &str,
+    now: Timestamp,
+    lease_until: Timestamp,
+    limit: usize,
+) -> Vec<Claim> {
+    db.claim(owner, now, lease_until, limit)
+        .await
+        .expect("claim failed")
+}
+
+async fn complete(db: &dyn Database, owner: &str, done: &[Completion]) {
+    db.complete(owner, done).await.expect("complete failed");
+}
+
+async fn backlog(db: &dyn Database) -> Backlog {
+    db.backlog().await.expect("backlog failed")
+}
+
+async fn failures(db: &dyn Database, limit: usize) -> Vec<FailureRecord> {
+    db.recent_failures(limit)
+        .await
+        .expect("recent_failures failed")
+}
+
+/// Claims as `(id, generation)`, ascending by id: the port promises which ids a claim
+/// takes, not the order it lists them in.
+fn by_id(claims: &[Claim]) -> Vec<(i64, i64)> {
+    let mut pairs: Vec<(i64, i64)> = claims.iter().map(|c| (c.id.get(), c.generation)).collect();
+    pairs.sort_unstable();
+    pairs
+}
+
+fn claimed(raw_id: i64, generation: i64) -> Claim {
+    Claim {
+        id: id(raw_id),
+        generation,
+    }
+}
+
+fn online(raw_id: i64, generation: i64, object: StoredObject) -> Completion {
+    assert_eq!(
+        object.id,
+        id(raw_id),
+        "a case completes an id with its own object"
+    );
+    Completion {
+        claim: claimed(raw_id, generation),
+        outcome: Outcome::Online(object),
+    }
+}
+
+fn offline(raw_id: i64, generation: i64) -> Completion {
+    Completion {
+        claim: claimed(raw_id, generation),
+        outcome: Outcome::Offline,
+    }
+}
+
+fn failure(raw_id: i64, code: &str, reason: &str, at: Timestamp) -> FailureRecord {
+    FailureRecord {
+        id: id(raw_id),
+        code: code.to_owned(),
+        reason: reason.to_owned(),
+        at,
+    }
+}
+
+fn failed(raw_id: i64, generation: i64, record: FailureRecord) -> Completion {
+    Completion {
+        claim: claimed(raw_id, generation),
+        outcome: Outcome::Failed(record),
+    }
+}
+
+/// Enqueued ids are claimed once each, at generation 1; a second claimer finds nothing
+/// while the leases hold.
+pub async fn inbox_enqueue_then_claim_gives_each_id_once(db: Arc<dyn Database>) {
+    let db = &*db;
+    enqueue(db, &[3, 1, 2], at(0)).await;
+
+    let claims = claim(db, OWNER_A, at(1), 10).await;
+    assert_eq!(by_id(&claims), [(1, 1), (2, 1), (3, 1)]);
+    assert_eq!(claim(db, OWNER_B, at(2), 10).await, []);
+    assert_eq!(
+        claim(db, OWNER_A, at(3), 10).await,
+        [],
+        "not even to the same owner"
+    );
+}
+
+/// Requesting a waiting id again bumps its generation and keeps its first request time.
+pub async fn inbox_a_repeated_request_bumps_the_generation(db: Arc<dyn Database>) {
+    let db = &*db;
+    enqueue(db, &[1, 2], at(0)).await;
+    enqueue(db, &[2, 3], at(10)).await;
+    enqueue(db, &[2], at(20)).await;
+    assert_eq!(
+        backlog(db).await,
+        Backlog {
+            pending: 3,
+            oldest: Some(at(0)),
+        }
+    );
+
+    let claims = claim(db, OWNER_A, at(30), 10).await;
+    assert_eq!(by_id(&claims), [(1, 1), (2, 3), (3, 1)]);
+
+    // Once 1 and 3 are done, 2 is the one left, waiting since its first request.
+    complete(db, OWNER_A, &[offline(1, 1), offline(3, 1)]).await;
+    assert_eq!(
+        backlog(db).await,
+        Backlog {
+            pending: 1,
+            oldest: Some(at(0)),
+        }
+    );
+}
+
+/// A leased id cannot be claimed before `lease_until`; from `lease_until` on it can, by
+/// anyone (a dead instance's work is taken over), with the generation it had.
+pub async fn inbox_a_lease_hides_an_id_until_it_runs_out(db: Arc<dyn Database>) {
+    let db = &*db;
+    enqueue(db, &[7], at(0)).await;
+    assert_eq!(
+        claim_until(db, OWNER_A, at(0), at(100), 10).await,
+        [claimed(7, 1)]
+    );
+
+    assert_eq!(claim_until(db, OWNER_B, at(99), at(200), 10).await, []);
+    assert_eq!(
+        claim_until(db, OWNER_B, at(100), at(200), 10).await,
+        [claimed(7, 1)],
+        "a lease is over at its lease_until"
+    );
+    // Now B holds it until 200.
+    assert_eq!(claim_until(db, OWNER_A, at(150), at(300), 10).await, []);
+    assert_eq!(
+        claim_until(db, OWNER_C, at(250), at(400), 10).await,
+        [claimed(7, 1)]
+    );
+}
+
+/// `claim` takes at most `limit` ids, the longest-waiting first.
+pub async fn inbox_claim_takes_the_longest_waiting_first_up_to_the_limit(db: Arc<dyn Database>) {
+    let db = &*db;
+    enqueue(db, &[5], at(30)).await;
+    enqueue(db, &[7], at(10)).await;
+    enqueue(db, &[6], at(20)).await;
+    enqueue(db, &[8, 9], at(40)).await;
+
+    assert_eq!(claim(db, OWNER_A, at(50), 0).await, []);
+    assert_eq!(
+        by_id(&claim(db, OWNER_A, at(50), 2).await),
+        [(6, 1), (7, 1)]
+    );
+    assert_eq!(by_id(&claim(db, OWNER_A, at(50), 1).await), [(5, 1)]);
+    assert_eq!(
+        by_id(&claim(db, OWNER_B, at(50), 10).await),
+        [(8, 1), (9, 1)]
+    );
+    assert_eq!(claim(db, OWNER_B, at(50), 10).await, []);
+}
+
+/// `complete` with unchanged generations removes the ids and records their outcomes: an
+/// online object is stored, an offline one writes nothing (a stored row keeps its times),
+/// a failure is recorded with its code, reason and time.
+pub async fn inbox_complete_settles_each_outcome(db: Arc<dyn Database>) {
+    let db = &*db;
+    let store: &dyn ObjectStore = db;
+    let stored_before = row(2, at(-5_000_000), at(25_000_000));
+    upsert(store, &[stored_before]).await;
+    enqueue(db, &[1, 2, 3, 4], at(0)).await;
+    assert_eq!(claim(db, OWNER_A, at(1), 10).await.len(), 4);
+
+    let object = seen(1, at(2));
+    let record = failure(3, "timeout", "upstream did not answer within 5s", at(3));
+    complete(
+        db,
+        OWNER_A,
+        &[
+            online(1, 1, object),
+            offline(2, 1),
+            failed(3, 1, record.clone()),
+            offline(4, 1),
+        ],
+    )
+    .await;
+
+    assert_eq!(backlog(db).await, Backlog::default());
+    assert_eq!(claim(db, OWNER_B, at(4), 10).await, []);
+    assert_eq!(get(store, 1, at(4)).await, Some(object));
+    assert_eq!(get(store, 2, at(4)).await, Some(stored_before));
+    assert_eq!(get(store, 3, at(4)).await, None);
+    assert_eq!(get(store, 4, at(4)).await, None);
+    assert_eq!(all_live(store, at(4)).await, vec![object, stored_before]);
+    assert_eq!(failures(db, 10).await, vec![record]);
+}
+
+/// `recent_failures` lists the recorded failures newest first, at most `limit` of them,
+/// each with its id, code, reason (any text) and time to the microsecond.
+pub async fn inbox_failures_are_listed_newest_first(db: Arc<dyn Database>) {
+    let db = &*db;
+    assert_eq!(failures(db, 10).await, vec![]);
+    let records = [
+        failure(1, "timeout", "upstream did not answer within 5s", at(1)),
+        failure(2, "status", "upstream answered status 503", at(2)),
+        failure(
+            3,
+            "malformed",
+            "expected `}` — got «\"online\": tru», 'x'\n",
+            at(3),
+        ),
+    ];
+    for (i, record) in (1..).zip(&records) {
+        enqueue(db, &[i], at(0)).await;
+        assert_eq!(claim(db, OWNER_A, at(0), 10).await, [claimed(i, 1)]);
+        complete(db, OWNER_A, &[failed(i, 1, record.clone())]).await;
+    }
+
+    let newest_first: Vec<FailureRecord> = records.iter().rev().cloned().collect();
+    assert_eq!(failures(db, 10).await, newest_first);
+    assert_eq!(failures(db, 2).await, newest_first[..2]);
+    assert_eq!(failures(db, 0).await, vec![]);
+}
+
+/// An id requested again after it was claimed stays when the claim completes (the fetch
+/// may have started before the new request), its object is still stored, and its lease
+/// is freed so it is claimed again at once, with the new generation.
+pub async fn inbox_complete_after_a_new_request_keeps_the_id_and_frees_it(db: Arc<dyn Database>) {
+    let db = &*db;
+    let store: &dyn ObjectStore = db;
+    enqueue(db, &[4, 5], at(0)).await;
+    assert_eq!(
+        by_id(&claim(db, OWNER_A, at(1), 10).await),
+        [(4, 1), (5, 1)]
+    );
+    enqueue(db, &[4], at(2)).await;
+    assert_eq!(
+        claim(db, OWNER_B, at(3), 10).await,
+        [],
+        "a new request does not break the lease"
+    );
+
+    let object = seen(4, at(4));
+    complete(db, OWNER_A, &[online(4, 1, object), offline(5, 1)]).await;
+    assert_eq!(get(store, 4, at(5)).await, Some(object));
+    assert_eq!(
+        backlog(db).await,
+        Backlog {
+            pending: 1,
+            oldest: Some(at(0)),
+        }
+    );
+
+    // Long before A's lease would have run out.
+    assert_eq!(claim(db, OWNER_B, at(6), 10).await, [claimed(4, 2)]);
+    complete(db, OWNER_B, &[offline(4, 2)]).await;
+    assert_eq!(backlog(db).await, Backlog::default());
+}
+
+/// Two instances that both fetched an id (the first one's lease ran out) may both complete
+/// it: the second completion changes nothing, and the later sighting wins.
+pub async fn inbox_completing_twice_is_harmless(db: Arc<dyn Database>) {
+    let db = &*db;
+    let store: &dyn ObjectStore = db;
+    enqueue(db, &[1, 2], at(0)).await;
+    assert_eq!(claim_until(db, OWNER_A, at(0), at(10), 10).await.len(), 2);
+    assert_eq!(
+        claim_until(db, OWNER_B, at(10), at(1_000), 10).await.len(),
+        2,
+        "A's lease ran out"
+    );
+
+    let from_a = seen(1, at(20));
+    let from_b = seen(1, at(15));
+    let record = failure(2, "timeout", "slow", at(20));
+    complete(
+        db,
+        OWNER_A,
+        &[online(1, 1, from_a), failed(2, 1, record.clone())],
+    )
+    .await;
+    assert_eq!(
+        backlog(db).await.pending,
+        2,
+        "a late completion leaves the ids to their new holder"
+    );
+    complete(db, OWNER_B, &[offline(2, 1), online(1, 1, from_b)]).await;
+    complete(
+        db,
+        OWNER_A,
+        &[online(1, 1, from_a), failed(2, 1, record.clone())],
+    )
+    .await;
+
+    assert_eq!(backlog(db).await, Backlog::default());
+    assert_eq!(claim(db, OWNER_C, at(2_000), 10).await, []);
+    assert_eq!(get(store, 1, at(30)).await, Some(from_a));
+    assert_eq!(failures(db, 10).await.first(), Some(&record));
+}
+
+/// A completion from an instance whose lease ran out, arriving after the id was settled by
+/// its new holder and requested again, must not remove that newer request.
+pub async fn inbox_a_late_completion_never_removes_a_newer_request(db: Arc<dyn Database>) {
+    let db = &*db;
+    enqueue(db, &[7], at(0)).await;
+    assert_eq!(
+        claim_until(db, OWNER_A, at(0), at(10), 10).await,
+        [claimed(7, 1)]
+    );
+    assert_eq!(
+        claim_until(db, OWNER_B, at(10), at(1_000), 10).await,
+        [claimed(7, 1)]
+    );
+    complete(db, OWNER_B, &[offline(7, 1)]).await;
+    enqueue(db, &[7], at(20)).await; // a new request: generation 1 again
+
+    complete(db, OWNER_A, &[offline(7, 1)]).await; // A wakes up late
+
+    assert_eq!(backlog(db).await.pending, 1, "the new request still waits");
+    assert_eq!(claim(db, OWNER_C, at(30), 10).await, [claimed(7, 1)]);
+}
+
+/// `release(Some(owner))` frees that owner's leases only, `release(None)` every lease;
+/// both return how many they freed, and freed ids are claimable at once.
+pub async fn inbox_release_frees_one_owner_or_every_lease(db: Arc<dyn Database>) {
+    let db = &*db;
+    let release = |owner: Option<&'static str>| async move {
+        db.release(owner).await.expect("release failed")
+    };
+    assert_eq!(release(None).await, 0);
+    enqueue(db, &[1, 2], at(0)).await;
+    enqueue(db, &[3, 4], at(10)).await;
+    enqueue(db, &[5], at(20)).await;
+    assert_eq!(
+        by_id(&claim(db, OWNER_A, at(30), 2).await),
+        [(1, 1), (2, 1)]
+    );
+    assert_eq!(
+        by_id(&claim(db, OWNER_B, at(30), 2).await),
+        [(3, 1), (4, 1)]
+    );
+
+    assert_eq!(release(Some("nobody")).await, 0);
+    assert_eq!(release(Some(OWNER_A)).await, 2);
+    assert_eq!(release(Some(OWNER_A)).await, 0);
+    assert_eq!(
+        by_id(&claim(db, OWNER_C, at(31), 10).await),
+        [(1, 1), (2, 1), (5, 1)],
+        "only A's ids (and the one never leased) are free"
+    );
+
+    assert_eq!(release(None).await, 5);
+    assert_eq!(
+        by_id(&claim(db, OWNER_A, at(32), 10).await),
+        [(1, 1), (2, 1), (3, 1), (4, 1), (5, 1)]
+    );
+    assert_eq!(backlog(db).await.pending, 5, "releasing removes nothing");
+}
+
+/// `backlog` counts the distinct ids waiting or leased, and the first request time of the
+/// longest-waiting one, to the microsecond.
+pub async fn inbox_backlog_counts_waiting_and_leased_ids(db: Arc<dyn Database>) {
+    let db = &*db;
+    assert_eq!(backlog(db).await, Backlog::default());
+
+    enqueue(db, &[1, 2], at(5)).await;
+    enqueue(db, &[3], at(10)).await;
+    enqueue(db, &[2], at(20)).await;
+    let expected = Backlog {
+        pending: 3,
+        oldest: Some(at(5)),
+    };
+    assert_eq!(backlog(db).await, expected);
+
+    assert_eq!(claim(db, OWNER_A, at(30), 10).await.len(), 3);
+    assert_eq!(backlog(db).await, expected, "leased ids still count");
+
+    complete(db, OWNER_A, &[offline(1, 1), offline(2, 2)]).await;
+    assert_eq!(
+        backlog(db).await,
+        Backlog {
+            pending: 1,
+            oldest: Some(at(10)),
+        }
+    );
+    complete(db, OWNER_A, &[offline(3, 1)]).await;
+    assert_eq!(backlog(db).await, Backlog::default());
+}
+
+/// Empty input changes nothing and succeeds: no ids to enqueue, no completions, a limit
+/// of zero.
+pub async fn inbox_empty_input_is_a_no_op(db: Arc<dyn Database>) {
+    let db = &*db;
+    enqueue(db, &[], at(0)).await;
+    complete(db, OWNER_A, &[]).await;
+    assert_eq!(backlog(db).await, Backlog::default());
+    assert_eq!(claim(db, OWNER_A, at(0), 10).await, []);
+
+    enqueue(db, &[1], at(0)).await;
+    enqueue(db, &[], at(1)).await;
+    assert_eq!(claim(db, OWNER_A, at(2), 0).await, []);
+    complete(db, OWNER_A, &[]).await;
+    assert_eq!(failures(db, 0).await, vec![]);
+    assert_eq!(
+        claim(db, OWNER_A, at(3), 10).await,
+        [claimed(1, 1)],
+        "nothing bumped or leased it"
+    );
+}
+
+/// Id 0 and [`ObjectId::MAX`] go through the inbox like any other.
+pub async fn inbox_smallest_and_largest_ids(db: Arc<dyn Database>) {
+    let db = &*db;
+    let store: &dyn ObjectStore = db;
+    db.enqueue(&[ObjectId::MAX, id(0)], at(0))
+        .await
+        .expect("enqueue failed");
+    let claims = claim(db, OWNER_A, at(1), 10).await;
+    assert_eq!(by_id(&claims), [(0, 1), (i64::MAX, 1)]);
+
+    let max = StoredObject {
+        id: ObjectId::MAX,
+        last_seen: at(2),
+        expires_at: at(2_000),
+    };
+    let zero = row(0, at(2), at(1_000));
+    let done = [
+        Completion {
+            claim: Claim {
+                id: ObjectId::MAX,
+                generation: 1,
+            },
+            outcome: Outcome::Online(max),
+        },
+        online(0, 1, zero),
+    ];
+    complete(db, OWNER_A, &done).await;
+    assert_eq!(all_live(store, at(3)).await, vec![zero, max]);
+    assert_eq!(backlog(db).await, Backlog::default());
+}
+
+/// One enqueue of 10 000 ids, a claim of all of them, a new request for all, and
+/// completions of 10 000 at once: nothing is lost or duplicated on the way.
+pub async fn inbox_ten_thousand_ids_in_one_enqueue(db: Arc<dyn Database>) {
+    const IDS: i64 = 10_000;
+    let db = &*db;
+    let store: &dyn ObjectStore = db;
+    // Scattered ids: a permutation of 0..10_000, scaled up.
+    let raw: Vec<i64> = (0..IDS).map(|i| (i * 7_919) % IDS * 1_000_003).collect();
+    enqueue(db, &raw, at(0)).await;
+    assert_eq!(
+        backlog(db).await,
+        Backlog {
+            pending: 10_000,
+            oldest: Some(at(0)),
+        }
+    );
+
+    let claims = claim(db, OWNER_A, at(1), 20_000).await;
+    let mut expected: Vec<(i64, i64)> = raw.iter().map(|&r| (r, 1)).collect();
+    expected.sort_unstable();
+    assert_eq!(by_id(&claims), expected);
+
+    // Every id is requested again while leased, then the first round completes: a third
+    // online, a third offline, a third failed.
+    enqueue(db, &raw, at(2)).await;
+    let done: Vec<Completion> = raw
+        .iter()
+        .enumerate()
+        .map(|(i, &r)| match i % 3 {
+            0 => online(r, 1, seen(r, at(3))),
+            1 => offline(r, 1),
+            _ => failed(
+                r,
+                1,
+                failure(r, "status", "upstream answered status 500", at(3)),
+            ),
+        })
+        .collect();
+    complete(db, OWNER_A, &done).await;
+    assert_eq!(all_live(store, at(4)).await.len(), 3_334);
+    assert_eq!(failures(db, 20_000).await.len(), 3_333);
+    assert_eq!(
+        backlog(db).await,
+        Backlog {
+            pending: 10_000,
+            oldest: Some(at(0)),
+        },
+        "every id was requested again, so every id stays"
+    );
+
+    let again = claim(db, OWNER_B, at(5), 20_000).await;
+    let expected: Vec<(i64, i64)> = expected.iter().map(|&(r, _)| (r, 2)).collect();
+    assert_eq!(by_id(&again), expected);
+    let done: Vec<Completion> = raw.iter().map(|&r| offline(r, 2)).collect();
+    complete(db, OWNER_B, &done).await;
+    assert_eq!(backlog(db).await, Backlog::default());
+}
+
+/// Eight writers enqueueing overlapping ids at once, each in an order of its own: one row
+/// per id, whose generation counts every request.
+pub async fn inbox_concurrent_enqueues_leave_one_row_per_id(db: Arc<dyn Database>) {
+    const WRITERS: i64 = 8;
+    const IDS: i64 = 1_000;
+    let tasks: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let db = Arc::clone(&db);
+            tokio::spawn(async move {
+                let mut mine: Vec<ObjectId> = (0..IDS).map(id).collect();
+                mine.rotate_left(usize::try_from(w * 137).expect("small"));
+                if w % 2 == 1 {
+                    mine.reverse();
+                }
+                for chunk in mine.chunks(200) {
+                    db.enqueue(chunk, at(w))
+                        .await
+                        .expect("concurrent enqueue failed");
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("writer task panicked");
+    }
+
+    let db = &*db;
+    assert_eq!(backlog(db).await.pending, 1_000);
+    let claims = claim(db, OWNER_A, at(100), 10_000).await;
+    let expected: Vec<(i64, i64)> = (0..IDS).map(|i| (i, WRITERS)).collect();
+    assert_eq!(by_id(&claims), expected);
+}
+
+/// Four claimers taking batches at once until nothing is left: together they claim every
+/// id, and no id twice.
+pub async fn inbox_concurrent_claimers_never_share_an_id(db: Arc<dyn Database>) {
+    const CLAIMERS: usize = 4;
+    const IDS: i64 = 1_000;
+    let all: Vec<i64> = (0..IDS).collect();
+    enqueue(&*db, &all, at(0)).await;
+
+    let tasks: Vec<_> = (0..CLAIMERS)
+        .map(|c| {
+            let db = Arc::clone(&db);
+            tokio::spawn(async move {
+                let owner = format!("claimer-{c}");
+                let mut mine = Vec::new();
+                loop {
+                    let batch = claim(&*db, &owner, at(1), 25).await;
+                    assert!(batch.len() <= 25, "a claim took {} ids", batch.len());
+                    if batch.is_empty() {
+                        return mine;
+                    }
+                    mine.extend(batch.iter().map(|c| c.id.get()));
+                }
+            })
+        })
+        .collect();
+    let mut union = Vec::new();
+    for task in tasks {
+        union.extend(task.await.expect("claimer task panicked"));
+    }
+    let distinct: BTreeSet<i64> = union.iter().copied().collect();
+    assert_eq!(distinct.len(), union.len(), "some id was claimed twice");
+    assert_eq!(distinct.into_iter().collect::<Vec<_>>(), all);
+    assert_eq!(claim(&*db, OWNER_A, at(2), 10).await, []);
+}
+
+/// The failures kept are bounded: past 10 000, the oldest go.
+pub async fn inbox_failures_are_pruned_to_the_newest_ten_thousand(db: Arc<dyn Database>) {
+    const RECORDED: i64 = 10_050;
+    let db = &*db;
+    let all: Vec<i64> = (0..RECORDED).collect();
+    enqueue(db, &all, at(0)).await;
+    assert_eq!(claim(db, OWNER_A, at(1), 20_000).await.len(), 10_050);
+    // Three completions, oldest ids first.
+    for chunk in all.chunks(5_000) {
+        let done: Vec<Completion> = chunk
+            .iter()
+            .map(|&i| failed(i, 1, failure(i, "timeout", "slow", at(10 + i))))
+            .collect();
+        complete(db, OWNER_A, &done).await;
+    }
+
+    let kept = failures(db, 20_000).await;
+    assert_eq!(kept.len(), FAILURES_KEPT);
+    let first = kept.first().expect("failures are kept").id.get();
+    assert!(first >= 10_000, "the newest come first, got id {first}");
+    let kept_ids: BTreeSet<i64> = kept.iter().map(|f| f.id.get()).collect();
+    let newest: BTreeSet<i64> = (RECORDED - 10_000..RECORDED).collect();
+    assert_eq!(kept_ids, newest, "exactly the newest 10 000 are kept");
+    assert_eq!(backlog(db).await, Backlog::default());
+}
+
+/// Writers requesting every id while two workers claim, "fetch" and complete them, all at
+/// once, on one logical clock: once everything is settled, every online id is stored with
+/// a sighting later than its last request, so no request was settled by a fetch that
+/// started before it. Many last requests arrive while their id is leased.
+pub async fn inbox_every_request_is_served_by_a_later_fetch(db: Arc<dyn Database>) {
+    use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+
+    const WRITERS: i64 = 4;
+    const IDS: i64 = 400;
+    const WORKERS: usize = 2;
+    // Ticks of the shared clock, in microseconds after `T0`.
+    let clock = Arc::new(AtomicI64::new(1));
+    let tick = |clock: &AtomicI64| at(clock.fetch_add(1, Ordering::SeqCst));
+    let writers_done = Arc::new(AtomicBool::new(false));
+    // How many enqueues were committed so far.
+    let enqueued = Arc::new(AtomicU64::new(0));
+    // The time of the last request of each id, taken before the enqueue was sent.
+    let last_request = Arc::new(std::sync::Mutex::new(BTreeMap::<i64, Timestamp>::new()));
+
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (db, clock, last_request, enqueued) = (
+                Arc::clone(&db),
+                Arc::clone(&clock),
+                Arc::clone(&last_request),
+                Arc::clone(&enqueued),
+            );
+            tokio::spawn(async move {
+                // Every writer requests every id once, in an order of its own.
+                let mut raw: Vec<i64> = (0..IDS).collect();
+                raw.rotate_left(usize::try_from(w * 100).expect("small"));
+                if w % 2 == 1 {
+                    raw.reverse();
+                }
+                for chunk in raw.chunks(10) {
+                    let requested = tick(&clock);
+                    {
+                        let mut last = last_request.lock().expect("not poisoned");
+                        for &r in chunk {
+                            let entry = last.entry(r).or_insert(requested);
+                            *entry = (*entry).max(requested);
+                        }
+                    }
+                    enqueue(&*db, chunk, requested).await;
+                    enqueued.fetch_add(1, Ordering::SeqCst);
+                    tokio::task::yield_now().await;
+                }
+            })
+        })
+        .collect();
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|k| {
+            let (db, clock, writers_done, enqueued) = (
+                Arc::clone(&db),
+                Arc::clone(&clock),
+                Arc::clone(&writers_done),
+                Arc::clone(&enqueued),
+            );
+            tokio::spawn(async move {
+                let owner = format!("worker-{k}");
+                loop {
+                    let finished = writers_done.load(Ordering::SeqCst);
+                    let claims = claim(&*db, &owner, at(0), 10).await;
+                    if claims.is_empty() {
+                        if finished && backlog(&*db).await.pending == 0 {
+                            return;
+                        }
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
+                    // The "fetch" starts after the claim: its sighting is a later tick. It
+                    // lasts until two more requests were committed (or the writers are
+                    // done), so that ids are requested again while they are leased.
+                    let fetched = tick(&clock);
+                    let enqueued_before = enqueued.load(Ordering::SeqCst);
+                    while enqueued.load(Ordering::SeqCst) < enqueued_before + 2
+                        && !writers_done.load(Ordering::SeqCst)
+                    {
+                        tokio::task::yield_now().await;
+                    }
+                    let done: Vec<Completion> = claims
+                        .iter()
+                        .map(|c| {
+                            let raw = c.id.get();
+                            if raw % 2 == 0 {
+                                online(raw, c.generation, row(raw, fetched, at(1_000_000_000)))
+                            } else {
+                                offline(raw, c.generation)
+                            }
+                        })
+                        .collect();
+                    complete(&*db, &owner, &done).await;
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.expect("writer task panicked");
+    }
+    writers_done.store(true, Ordering::SeqCst);
+    for worker in workers {
+        worker.await.expect("worker task panicked");
+    }
+
+    let db = &*db;
+    assert_eq!(backlog(db).await, Backlog::default());
+    let stored: BTreeMap<i64, Timestamp> = all_live(db, at(0))
+        .await
+        .into_iter()
+        .map(|o| (o.id.get(), o.last_seen))
+        .collect();
+    let last_request = last_request.lock().expect("not poisoned").clone();
+    assert_eq!(last_request.len(), 400);
+    for (raw, requested) in last_request {
+        if raw % 2 == 1 {
+            assert!(!stored.contains_key(&raw), "offline id {raw} was stored");
+            continue;
+        }
+        let seen = stored.get(&raw).copied();
+        assert!(
+            seen.is_some_and(|seen| seen > requested),
+            "id {raw} last requested at {requested:?} but last seen at {seen:?}"
+        );
+    }
+}
+
 #[cfg(test)]
 mod memory_store {
     use std::sync::Arc;
@@ -526,9 +1399,10 @@ mod memory_store {
     use crate::testing::MemoryStore;
 
     crate::object_store_conformance!(async { Arc::new(MemoryStore::new()) });
+    crate::inbox_conformance!(async { Arc::new(MemoryStore::new()) });
 }
 
-/// The macro with a fixture that is skipped: every case passes without touching a store.
+/// The macros with a fixture that is skipped: every case passes without touching a store.
 #[cfg(test)]
 mod skipped_fixture {
     use std::sync::Arc;
@@ -536,6 +1410,7 @@ mod skipped_fixture {
     use crate::testing::MemoryStore;
 
     crate::object_store_conformance!(async { None::<Arc<MemoryStore>> });
+    crate::inbox_conformance!(async { None::<Arc<MemoryStore>> });
 }
 
 #[cfg(test)]
@@ -552,5 +1427,18 @@ mod fixture_tests {
         let nested: Option<(Arc<dyn ObjectStore>, ())> = Some((store, ()));
         assert!(!StoreFixture::skipped(&nested));
         nested.store();
+    }
+
+    #[test]
+    fn one_database_fixture_serves_both_suites() {
+        let database: Arc<dyn Database> = Arc::new(MemoryStore::new());
+        let fixture = Some((Arc::clone(&database), ()));
+        assert!(!StoreFixture::skipped(&fixture));
+        assert!(!DatabaseFixture::skipped(&fixture));
+        assert!(Arc::ptr_eq(&DatabaseFixture::database(&fixture), &database));
+        StoreFixture::store(&fixture);
+        assert!(DatabaseFixture::skipped(&None::<Arc<MemoryStore>>));
+        assert!(DatabaseFixture::skipped(&None::<(Arc<dyn Database>, ())>));
+        assert!(!DatabaseFixture::skipped(&Arc::new(MemoryStore::new())));
     }
 }

@@ -14,7 +14,8 @@ use tokio::time::Instant;
 
 use crate::id::ObjectId;
 use crate::ports::{
-    BoxFuture, Clock, FetchError, ObjectSource, ObjectStatus, ObjectStore, StoreError, StoredObject,
+    Backlog, BoxFuture, Claim, Clock, Completion, FailureRecord, FetchError, Inbox, ObjectSource,
+    ObjectStatus, ObjectStore, Outcome, StoreError, StoredObject,
 };
 use crate::time::Timestamp;
 
@@ -47,10 +48,21 @@ impl Clock for PausedClock {
     }
 }
 
-/// An [`ObjectStore`] in memory, with switches to simulate outages and panics.
+/// One id waiting in the fake inbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct InboxRow {
+    generation: i64,
+    requested_at: Timestamp,
+    lease: Option<(String, Timestamp)>,
+}
+
+/// An [`ObjectStore`] and [`Inbox`] in memory, with switches to simulate outages and panics.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     rows: Mutex<BTreeMap<ObjectId, StoredObject>>,
+    inbox: Mutex<BTreeMap<ObjectId, InboxRow>>,
+    failures: Mutex<Vec<FailureRecord>>,
+    enqueues: Mutex<Vec<usize>>,
     batches: Mutex<Vec<usize>>,
     delete_calls: AtomicUsize,
     unavailable: AtomicBool,
@@ -73,9 +85,33 @@ impl MemoryStore {
         self.len() == 0
     }
 
-    /// The sizes of every successful `upsert_seen` call, in order.
+    /// How many online objects each successful write carried (`upsert_seen`, or
+    /// `complete` with at least one online object), in order.
     pub fn batch_sizes(&self) -> Vec<usize> {
         self.batches.lock().unwrap().clone()
+    }
+
+    /// How many ids each successful `enqueue` carried, in order: one entry per transaction.
+    pub fn enqueue_sizes(&self) -> Vec<usize> {
+        self.enqueues.lock().unwrap().clone()
+    }
+
+    /// How many ids wait in the inbox.
+    pub fn inbox_len(&self) -> usize {
+        self.inbox.lock().unwrap().len()
+    }
+
+    fn upsert(&self, batch: &[StoredObject]) {
+        let mut rows = self.rows.lock().unwrap();
+        for object in batch {
+            rows.entry(object.id)
+                .and_modify(|row| {
+                    row.last_seen = row.last_seen.max(object.last_seen);
+                    row.expires_at = row.expires_at.max(object.expires_at);
+                })
+                .or_insert(*object);
+        }
+        self.batches.lock().unwrap().push(batch.len());
     }
 
     /// How many times `delete_expired` was called.
@@ -119,16 +155,7 @@ impl ObjectStore for MemoryStore {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             self.check()?;
-            let mut rows = self.rows.lock().unwrap();
-            for object in batch {
-                rows.entry(object.id)
-                    .and_modify(|row| {
-                        row.last_seen = row.last_seen.max(object.last_seen);
-                        row.expires_at = row.expires_at.max(object.expires_at);
-                    })
-                    .or_insert(*object);
-            }
-            self.batches.lock().unwrap().push(batch.len());
+            self.upsert(batch);
             Ok(())
         })
     }
@@ -206,6 +233,157 @@ impl ObjectStore for MemoryStore {
 
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move { self.check() })
+    }
+}
+
+/// How many failures the fake keeps, like the adapters.
+const FAILURES_KEPT: usize = 10_000;
+
+impl Inbox for MemoryStore {
+    fn enqueue<'a>(
+        &'a self,
+        ids: &'a [ObjectId],
+        at: Timestamp,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.check()?;
+            let mut inbox = self.inbox.lock().unwrap();
+            for &id in ids {
+                inbox
+                    .entry(id)
+                    .and_modify(|row| row.generation += 1)
+                    .or_insert(InboxRow {
+                        generation: 1,
+                        requested_at: at,
+                        lease: None,
+                    });
+            }
+            self.enqueues.lock().unwrap().push(ids.len());
+            Ok(())
+        })
+    }
+
+    fn claim<'a>(
+        &'a self,
+        owner: &'a str,
+        now: Timestamp,
+        lease_until: Timestamp,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Claim>, StoreError>> {
+        Box::pin(async move {
+            self.check()?;
+            let mut inbox = self.inbox.lock().unwrap();
+            let mut free: Vec<(Timestamp, ObjectId)> = inbox
+                .iter()
+                .filter(|(_, row)| row.lease.as_ref().is_none_or(|(_, until)| *until <= now))
+                .map(|(id, row)| (row.requested_at, *id))
+                .collect();
+            free.sort();
+            let mut claims = Vec::new();
+            for (_, id) in free.into_iter().take(limit) {
+                let row = inbox.get_mut(&id).expect("listed above");
+                row.lease = Some((owner.to_owned(), lease_until));
+                claims.push(Claim {
+                    id,
+                    generation: row.generation,
+                });
+            }
+            Ok(claims)
+        })
+    }
+
+    fn complete<'a>(
+        &'a self,
+        owner: &'a str,
+        done: &'a [Completion],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.check()?;
+            let online: Vec<StoredObject> = done
+                .iter()
+                .filter_map(|c| match &c.outcome {
+                    Outcome::Online(object) => Some(*object),
+                    _ => None,
+                })
+                .collect();
+            if !online.is_empty() {
+                self.upsert(&online);
+            }
+            {
+                let mut failures = self.failures.lock().unwrap();
+                failures.extend(done.iter().filter_map(|c| match &c.outcome {
+                    Outcome::Failed(record) => Some(record.clone()),
+                    _ => None,
+                }));
+                let excess = failures.len().saturating_sub(FAILURES_KEPT);
+                failures.drain(..excess);
+            }
+            let mut inbox = self.inbox.lock().unwrap();
+            for completion in done {
+                let id = completion.claim.id;
+                let held = |row: &InboxRow| {
+                    row.lease
+                        .as_ref()
+                        .is_some_and(|(holder, _)| holder == owner)
+                };
+                if let Some(row) = inbox.get_mut(&id).filter(|row| held(row)) {
+                    if row.generation == completion.claim.generation {
+                        inbox.remove(&id);
+                    } else {
+                        row.lease = None;
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn release<'a>(&'a self, owner: Option<&'a str>) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(async move {
+            self.check()?;
+            let mut freed = 0;
+            for row in self.inbox.lock().unwrap().values_mut() {
+                let held = match (&row.lease, owner) {
+                    (Some(_), None) => true,
+                    (Some((holder, _)), Some(owner)) => holder == owner,
+                    (None, _) => false,
+                };
+                if held {
+                    row.lease = None;
+                    freed += 1;
+                }
+            }
+            Ok(freed)
+        })
+    }
+
+    fn backlog(&self) -> BoxFuture<'_, Result<Backlog, StoreError>> {
+        Box::pin(async move {
+            self.check()?;
+            let inbox = self.inbox.lock().unwrap();
+            Ok(Backlog {
+                pending: inbox.len() as u64,
+                oldest: inbox.values().map(|row| row.requested_at).min(),
+            })
+        })
+    }
+
+    fn recent_failures(
+        &self,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<FailureRecord>, StoreError>> {
+        Box::pin(async move {
+            self.check()?;
+            Ok(self
+                .failures
+                .lock()
+                .unwrap()
+                .iter()
+                .rev()
+                .take(limit)
+                .cloned()
+                .collect())
+        })
     }
 }
 

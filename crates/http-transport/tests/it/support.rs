@@ -131,7 +131,7 @@ impl TestServer {
         let clock = Arc::new(SystemClock);
         let pipeline = Pipeline::start(
             source.clone(),
-            Arc::clone(&store),
+            memory.clone(),
             clock.clone(),
             ExpiryWaker::new(),
             options.pipeline,

@@ -4,6 +4,7 @@
 //! sockets without TLS for now; TLS is a later feature: a `MakeTlsConnect` in [`connect`]
 //! instead of `NoTls`, and nothing else changes.
 
+mod inbox;
 mod schema;
 mod upsert;
 
@@ -24,12 +25,15 @@ use diesel_async::pooled_connection::{
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use domain::ports::{Backlog, Claim, Completion, FailureRecord, Inbox};
 use domain::{BoxFuture, ObjectId, ObjectStore, StoreError, StoredObject, Timestamp};
 use tokio_postgres::config::Host;
 use tracing::Instrument;
 
-use self::schema::objects;
+use self::inbox::EnqueueBatch;
+use self::schema::{fetch_failures, inbox as inbox_rows, objects};
 use self::upsert::UpsertBatch;
+use crate::inbox::{Settlement, claims_in_order, sorted_ids, sql_limit, stored_id};
 use crate::{OpenError, StoreOptions};
 
 /// The migrations of the PostgreSQL backend, compiled into the binary.
@@ -161,7 +165,7 @@ fn describe_driver_error(err: &tokio_postgres::Error) -> String {
     }
 }
 
-/// The [`ObjectStore`] on a PostgreSQL database.
+/// The [`ObjectStore`] and [`Inbox`] on a PostgreSQL database.
 ///
 /// Every call runs on its own tokio task with a pooled connection, so a caller that gives
 /// up (a timeout, a dropped request) never leaves a statement half sent or a transaction
@@ -400,6 +404,211 @@ impl PgStore {
             Err(StoreError::Query(format!("SELECT 1 answered {one}")))
         }
     }
+
+    #[tracing::instrument(level = "debug", name = "postgres.enqueue", skip_all, fields(ids = ids.len()))]
+    async fn enqueue_ids(&self, ids: &[ObjectId], at: Timestamp) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let statement = EnqueueBatch::new(sorted_ids(ids), to_pg(at)?);
+        let expected = statement.len();
+        // One statement is one transaction; it returns once the commit is flushed
+        // (`synchronous_commit = on`).
+        let written = self
+            .run(move |mut conn| async move { statement.execute(&mut conn).await })
+            .await?;
+        if written == expected {
+            Ok(())
+        } else {
+            // Each id is named once, so every row is either inserted or bumped.
+            Err(StoreError::Query(format!(
+                "enqueue of {expected} ids wrote {written} rows"
+            )))
+        }
+    }
+
+    #[tracing::instrument(level = "debug", name = "postgres.claim", skip_all, fields(owner, limit, claimed = tracing::field::Empty))]
+    async fn claim_ids(
+        &self,
+        owner: &str,
+        now: Timestamp,
+        lease_until: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<Claim>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let owner = owner.to_owned();
+        let now = to_pg(now)?;
+        let lease_until = to_pg(lease_until)?;
+        let limit = sql_limit(limit);
+        let rows = self
+            .run(move |mut conn| async move {
+                // `UPDATE … WHERE object_id IN (SELECT … ORDER BY requested_at LIMIT $n
+                // FOR UPDATE SKIP LOCKED) RETURNING …`: claimers on several instances never
+                // wait for each other or lease the same id; a row another claimer has just
+                // leased is skipped while locked and fails the lease test once committed.
+                let free_rows = diesel::alias!(inbox_rows as free);
+                let free = free_rows
+                    .select(free_rows.field(inbox_rows::object_id))
+                    .filter(
+                        free_rows
+                            .field(inbox_rows::lease_until)
+                            .is_null()
+                            .or(free_rows.field(inbox_rows::lease_until).le(now)),
+                    )
+                    .order(free_rows.field(inbox_rows::requested_at).asc())
+                    .limit(limit)
+                    .for_update()
+                    .skip_locked();
+                diesel::update(inbox_rows::table.filter(inbox_rows::object_id.eq_any(free)))
+                    .set((
+                        inbox_rows::lease_owner.eq(owner),
+                        inbox_rows::lease_until.eq(lease_until),
+                    ))
+                    .returning((
+                        inbox_rows::object_id,
+                        inbox_rows::generation,
+                        inbox_rows::requested_at,
+                    ))
+                    .get_results::<(i64, i64, PgTimestamp)>(&mut conn)
+                    .await
+            })
+            .await?;
+        tracing::Span::current().record("claimed", rows.len());
+        claims_in_order(
+            rows.into_iter()
+                .map(|(id, generation, at)| (id, generation, at.0))
+                .collect(),
+        )
+    }
+
+    #[tracing::instrument(level = "debug", name = "postgres.complete", skip_all, fields(claims = done.len()))]
+    async fn complete_claims(&self, owner: &str, done: &[Completion]) -> Result<(), StoreError> {
+        let settlement = Settlement::new(done)?;
+        if settlement.is_empty() {
+            return Ok(());
+        }
+        let online = settlement
+            .online
+            .iter()
+            .map(|object| {
+                Ok((
+                    object.id.get(),
+                    to_pg(object.last_seen)?,
+                    to_pg(object.expires_at)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let failures = settlement
+            .failures
+            .into_iter()
+            .map(|record| {
+                Ok((
+                    record.id.get(),
+                    record.code,
+                    record.reason,
+                    to_pg(record.at)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let completion = inbox::Completion {
+            owner: owner.to_owned(),
+            online: (!online.is_empty()).then(|| UpsertBatch::new(online)),
+            failures,
+            claims: settlement.claims,
+        };
+        self.run(move |mut conn| async move { completion.execute(&mut conn).await })
+            .await
+    }
+
+    #[tracing::instrument(level = "debug", name = "postgres.release", skip_all, fields(owner, released = tracing::field::Empty))]
+    async fn release_leases(&self, owner: Option<&str>) -> Result<u64, StoreError> {
+        let owner = owner.map(str::to_owned);
+        let released = self
+            .run(move |mut conn| async move {
+                let free = (
+                    inbox_rows::lease_owner.eq(None::<String>),
+                    inbox_rows::lease_until.eq(None::<PgTimestamp>),
+                );
+                match owner {
+                    Some(owner) => {
+                        diesel::update(inbox_rows::table.filter(inbox_rows::lease_owner.eq(owner)))
+                            .set(free)
+                            .execute(&mut conn)
+                            .await
+                    }
+                    None => {
+                        diesel::update(
+                            inbox_rows::table.filter(inbox_rows::lease_owner.is_not_null()),
+                        )
+                        .set(free)
+                        .execute(&mut conn)
+                        .await
+                    }
+                }
+            })
+            .await?;
+        tracing::Span::current().record("released", released);
+        Ok(u64::try_from(released).unwrap_or(u64::MAX))
+    }
+
+    #[tracing::instrument(level = "debug", name = "postgres.backlog", skip_all)]
+    async fn inbox_backlog(&self) -> Result<Backlog, StoreError> {
+        let (pending, oldest) = self
+            .run(|mut conn| async move {
+                inbox_rows::table
+                    .select((
+                        diesel::dsl::count_star(),
+                        diesel::dsl::min(inbox_rows::requested_at),
+                    ))
+                    .get_result::<(i64, Option<PgTimestamp>)>(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(Backlog {
+            pending: u64::try_from(pending).unwrap_or(0),
+            oldest: oldest.map(from_pg).transpose()?,
+        })
+    }
+
+    #[tracing::instrument(
+        level = "debug",
+        name = "postgres.recent_failures",
+        skip_all,
+        fields(limit)
+    )]
+    async fn failures(&self, limit: usize) -> Result<Vec<FailureRecord>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = sql_limit(limit);
+        let rows = self
+            .run(move |mut conn| async move {
+                fetch_failures::table
+                    .order(fetch_failures::seq.desc())
+                    .limit(limit)
+                    .select((
+                        fetch_failures::object_id,
+                        fetch_failures::code,
+                        fetch_failures::reason,
+                        fetch_failures::failed_at,
+                    ))
+                    .load::<(i64, String, String, PgTimestamp)>(&mut conn)
+                    .await
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(id, code, reason, at)| {
+                Ok(FailureRecord {
+                    id: stored_id(id)?,
+                    code,
+                    reason,
+                    at: from_pg(at)?,
+                })
+            })
+            .collect()
+    }
 }
 
 impl ObjectStore for PgStore {
@@ -441,6 +650,49 @@ impl ObjectStore for PgStore {
 
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(self.ping_database())
+    }
+}
+
+impl Inbox for PgStore {
+    fn enqueue<'a>(
+        &'a self,
+        ids: &'a [ObjectId],
+        at: Timestamp,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.enqueue_ids(ids, at))
+    }
+
+    fn claim<'a>(
+        &'a self,
+        owner: &'a str,
+        now: Timestamp,
+        lease_until: Timestamp,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Claim>, StoreError>> {
+        Box::pin(self.claim_ids(owner, now, lease_until, limit))
+    }
+
+    fn complete<'a>(
+        &'a self,
+        owner: &'a str,
+        done: &'a [Completion],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.complete_claims(owner, done))
+    }
+
+    fn release<'a>(&'a self, owner: Option<&'a str>) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(self.release_leases(owner))
+    }
+
+    fn backlog(&self) -> BoxFuture<'_, Result<Backlog, StoreError>> {
+        Box::pin(self.inbox_backlog())
+    }
+
+    fn recent_failures(
+        &self,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<FailureRecord>, StoreError>> {
+        Box::pin(self.failures(limit))
     }
 }
 

@@ -11,3 +11,35 @@ diesel::table! {
         expires_at -> Timestamptz,
     }
 }
+
+diesel::table! {
+    /// The durable inbox: one row per distinct id waiting for, or being given, a fetch.
+    inbox (object_id) {
+        /// The object to fetch.
+        object_id -> BigInt,
+        /// How many times the id was requested while it waited.
+        generation -> BigInt,
+        /// When the first still-waiting request arrived.
+        requested_at -> Timestamptz,
+        /// The worker that leased the id, if one did.
+        lease_owner -> Nullable<Text>,
+        /// Until when the lease holds.
+        lease_until -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    /// Fetches that failed for good, newest by `seq`.
+    fetch_failures (seq) {
+        /// Orders the failures: a larger `seq` was recorded later.
+        seq -> BigInt,
+        /// The object.
+        object_id -> BigInt,
+        /// A short stable code: `timeout`, `status`, …
+        code -> Text,
+        /// The cause, as text.
+        reason -> Text,
+        /// When the failure was recorded.
+        failed_at -> Timestamptz,
+    }
+}

@@ -11,6 +11,7 @@ use diesel::sql_types::Text;
 
 use super::*;
 use crate::testing::TestDatabase;
+use domain::ports::Outcome;
 
 async fn fresh(options: &StoreOptions) -> Option<(PgStore, TestDatabase)> {
     let db = TestDatabase::create().await?;
@@ -325,4 +326,186 @@ fn the_server_is_described_without_credentials() {
     assert_eq!(describe_server(&config), "db:5432/alice");
     assert_eq!(lowercase_scheme("POSTGRES://db/app"), "postgres://db/app");
     assert_eq!(lowercase_scheme("postgres://DB/app"), "postgres://DB/app");
+}
+
+fn claim(raw: i64, generation: i64) -> Claim {
+    Claim {
+        id: ObjectId::new(raw).expect("non-negative"),
+        generation,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_enqueue_is_one_statement_and_a_completion_one_transaction() {
+    let options = StoreOptions {
+        max_connections: 1,
+        ..StoreOptions::default()
+    };
+    let Some((store, _db)) = fresh(&options).await else {
+        return;
+    };
+    let mut conn = store.pool.get().await.expect("the only connection");
+    let statements = record_statements(&mut conn);
+    drop(conn);
+    let t = |micros: i64| Timestamp::from_unix_micros(1_700_000_000_000_000 + micros);
+    let ids: Vec<ObjectId> = (0..5_000)
+        .map(|i| ObjectId::new(i).expect("non-negative"))
+        .collect();
+
+    store.enqueue_ids(&ids, t(0)).await.expect("enqueue");
+    let claims = store
+        .claim_ids("a", t(1), t(1_000_000), 10_000)
+        .await
+        .expect("claim");
+    assert_eq!(claims.len(), 5_000);
+    // Id 2 is requested again while leased, so its completion frees it instead.
+    store.enqueue_ids(&ids[2..3], t(2)).await.expect("enqueue");
+    let failure = FailureRecord {
+        id: ids[1],
+        code: "timeout".into(),
+        reason: "slow".into(),
+        at: t(3),
+    };
+    store
+        .complete_claims(
+            "a",
+            &[
+                Completion {
+                    claim: claim(0, 1),
+                    outcome: Outcome::Online(object(0, 1, 2)),
+                },
+                Completion {
+                    claim: claim(1, 1),
+                    outcome: Outcome::Failed(failure),
+                },
+                Completion {
+                    claim: claim(2, 1),
+                    outcome: Outcome::Offline,
+                },
+            ],
+        )
+        .await
+        .expect("complete");
+
+    let mut conn = store.pool.get().await.expect("the only connection");
+    diesel_async::AsyncConnection::set_instrumentation(
+        &mut *conn,
+        None::<Box<dyn Instrumentation>>,
+    );
+    drop(conn);
+    let sent: Vec<String> = statements
+        .lock()
+        .expect("not poisoned")
+        .iter()
+        // The pool's `SELECT 1` check on every checkout.
+        .filter(|verb| verb.as_str() != "SELECT $1")
+        .cloned()
+        .collect();
+    assert_eq!(
+        sent,
+        [
+            "INSERT INTO",
+            "UPDATE \"inbox\"",
+            "INSERT INTO",
+            "BEGIN",
+            "INSERT INTO",
+            "INSERT INTO",
+            "SELECT max(\"fetch_failures\".\"seq\")",
+            "DELETE FROM",
+            "SELECT \"inbox\".\"object_id\",",
+            "DELETE FROM",
+            "UPDATE \"inbox\"",
+            "COMMIT",
+        ]
+    );
+    assert_eq!(
+        store.inbox_backlog().await.expect("backlog"),
+        Backlog {
+            pending: 4_998,
+            oldest: Some(t(0)),
+        }
+    );
+}
+
+/// A completion that fails half-way leaves everything as it was: no object, no failure,
+/// the ids still leased.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_completion_changes_nothing() {
+    let Some((store, db)) = fresh(&StoreOptions::default()).await else {
+        return;
+    };
+    let t = |micros: i64| Timestamp::from_unix_micros(1_700_000_000_000_000 + micros);
+    let ids: Vec<ObjectId> = (0..3)
+        .map(|i| ObjectId::new(i).expect("non-negative"))
+        .collect();
+    store.enqueue_ids(&ids, t(0)).await.expect("enqueue");
+    assert_eq!(
+        store
+            .claim_ids("a", t(1), t(1_000_000), 10)
+            .await
+            .expect("claim")
+            .len(),
+        3
+    );
+    // Recording the failure, after the object's upsert, fails.
+    let (client, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .expect("direct connection");
+    tokio::spawn(connection);
+    client
+        .batch_execute(
+            "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'poisoned failure'; END $$; \
+             CREATE TRIGGER poison BEFORE INSERT ON fetch_failures \
+             FOR EACH ROW EXECUTE FUNCTION poison();",
+        )
+        .await
+        .expect("create the trigger");
+
+    let err = store
+        .complete_claims(
+            "a",
+            &[
+                Completion {
+                    claim: claim(0, 1),
+                    outcome: Outcome::Online(object(0, 1, 2)),
+                },
+                Completion {
+                    claim: claim(1, 1),
+                    outcome: Outcome::Failed(FailureRecord {
+                        id: ids[1],
+                        code: "timeout".into(),
+                        reason: "slow".into(),
+                        at: t(2),
+                    }),
+                },
+                Completion {
+                    claim: claim(2, 1),
+                    outcome: Outcome::Offline,
+                },
+            ],
+        )
+        .await
+        .expect_err("the trigger fails the transaction");
+    assert!(
+        matches!(&err, StoreError::Query(m) if m.contains("poisoned failure")),
+        "{err:?}"
+    );
+    assert_eq!(
+        store
+            .list_live(Timestamp::from_unix_micros(0), None, 10)
+            .await
+            .expect("list"),
+        []
+    );
+    assert_eq!(store.failures(10).await.expect("failures"), []);
+    assert_eq!(store.inbox_backlog().await.expect("backlog").pending, 3);
+    assert_eq!(
+        store
+            .claim_ids("b", t(3), t(1_000_000), 10)
+            .await
+            .expect("claim"),
+        [],
+        "the leases still hold"
+    );
 }

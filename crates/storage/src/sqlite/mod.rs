@@ -1,6 +1,7 @@
 //! The embedded SQLite store: diesel's SQLite backend behind diesel-async's
 //! `SyncConnectionWrapper`, pooled by deadpool.
 
+mod inbox;
 mod schema;
 mod write;
 
@@ -21,10 +22,12 @@ use diesel_async::pooled_connection::{
 };
 use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use domain::ports::{Backlog, Claim, Completion, FailureRecord, Inbox};
 use domain::{BoxFuture, ObjectId, ObjectStore, StoreError, StoredObject, Timestamp};
 use tracing::Instrument;
 
-use self::schema::objects;
+use self::schema::{fetch_failures, inbox as inbox_rows, objects};
+use crate::inbox::{Settlement, claims_in_order, sorted_ids, sql_limit, stored_id};
 use crate::{OpenError, StoreOptions};
 
 /// The migrations of the SQLite backend, compiled into the binary.
@@ -45,7 +48,7 @@ const SESSION_SETTINGS: &str = concat!(
 
 type AsyncSqlite = SyncConnectionWrapper<SqliteConnection>;
 
-/// The [`ObjectStore`] on an embedded SQLite database file.
+/// The [`ObjectStore`] and [`Inbox`] on an embedded SQLite database file.
 ///
 /// Every call runs on its own tokio task with a pooled connection, so a caller that gives
 /// up (a timeout, a dropped request) never leaves a statement or a transaction half done
@@ -291,6 +294,180 @@ impl SqliteStore {
             Err(StoreError::Query(format!("SELECT 1 answered {one}")))
         }
     }
+
+    #[tracing::instrument(level = "debug", name = "sqlite.enqueue", skip_all, fields(ids = ids.len()))]
+    async fn enqueue_ids(&self, ids: &[ObjectId], at: Timestamp) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let ids = sorted_ids(ids);
+        let at = at.as_unix_micros();
+        self.run(Access::Write, move |mut conn| async move {
+            conn.spawn_blocking(move |conn| inbox::enqueue(conn, &ids, at))
+                .await
+        })
+        .await
+    }
+
+    #[tracing::instrument(level = "debug", name = "sqlite.claim", skip_all, fields(owner, limit, claimed = tracing::field::Empty))]
+    async fn claim_ids(
+        &self,
+        owner: &str,
+        now: Timestamp,
+        lease_until: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<Claim>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let owner = owner.to_owned();
+        let now = now.as_unix_micros();
+        let lease_until = lease_until.as_unix_micros();
+        let limit = sql_limit(limit);
+        let rows = self
+            .run(Access::Write, move |mut conn| async move {
+                // `UPDATE … WHERE object_id IN (SELECT … ORDER BY requested_at LIMIT ?)
+                // RETURNING …`: one statement, so no other writer (of this process or
+                // another) can lease the same ids in between.
+                let free_rows = diesel::alias!(inbox_rows as free);
+                let free = free_rows
+                    .select(free_rows.field(inbox_rows::object_id))
+                    .filter(
+                        free_rows
+                            .field(inbox_rows::lease_until)
+                            .is_null()
+                            .or(free_rows.field(inbox_rows::lease_until).le(now)),
+                    )
+                    .order(free_rows.field(inbox_rows::requested_at).asc())
+                    .limit(limit);
+                diesel::update(inbox_rows::table.filter(inbox_rows::object_id.eq_any(free)))
+                    .set((
+                        inbox_rows::lease_owner.eq(owner),
+                        inbox_rows::lease_until.eq(lease_until),
+                    ))
+                    .returning((
+                        inbox_rows::object_id,
+                        inbox_rows::generation,
+                        inbox_rows::requested_at,
+                    ))
+                    .get_results::<(i64, i64, i64)>(&mut conn)
+                    .await
+            })
+            .await?;
+        tracing::Span::current().record("claimed", rows.len());
+        claims_in_order(rows)
+    }
+
+    #[tracing::instrument(level = "debug", name = "sqlite.complete", skip_all, fields(claims = done.len()))]
+    async fn complete_claims(&self, owner: &str, done: &[Completion]) -> Result<(), StoreError> {
+        let settlement = Settlement::new(done)?;
+        if settlement.is_empty() {
+            return Ok(());
+        }
+        let online: Vec<write::Row> = settlement.online.iter().map(write::Row::from).collect();
+        let failures: Vec<inbox::FailureRow> = settlement
+            .failures
+            .into_iter()
+            .map(inbox::FailureRow::from)
+            .collect();
+        let claims = settlement.claims;
+        let owner = owner.to_owned();
+        self.run(Access::Write, move |mut conn| async move {
+            conn.spawn_blocking(move |conn| {
+                inbox::complete(conn, &owner, &online, &failures, &claims)
+            })
+            .await
+        })
+        .await
+    }
+
+    #[tracing::instrument(level = "debug", name = "sqlite.release", skip_all, fields(owner, released = tracing::field::Empty))]
+    async fn release_leases(&self, owner: Option<&str>) -> Result<u64, StoreError> {
+        let owner = owner.map(str::to_owned);
+        let released = self
+            .run(Access::Write, move |mut conn| async move {
+                let free = (
+                    inbox_rows::lease_owner.eq(None::<String>),
+                    inbox_rows::lease_until.eq(None::<i64>),
+                );
+                match owner {
+                    Some(owner) => {
+                        diesel::update(inbox_rows::table.filter(inbox_rows::lease_owner.eq(owner)))
+                            .set(free)
+                            .execute(&mut conn)
+                            .await
+                    }
+                    None => {
+                        diesel::update(
+                            inbox_rows::table.filter(inbox_rows::lease_owner.is_not_null()),
+                        )
+                        .set(free)
+                        .execute(&mut conn)
+                        .await
+                    }
+                }
+            })
+            .await?;
+        tracing::Span::current().record("released", released);
+        Ok(u64::try_from(released).unwrap_or(u64::MAX))
+    }
+
+    #[tracing::instrument(level = "debug", name = "sqlite.backlog", skip_all)]
+    async fn inbox_backlog(&self) -> Result<Backlog, StoreError> {
+        let (pending, oldest) = self
+            .run(Access::Read, |mut conn| async move {
+                inbox_rows::table
+                    .select((
+                        diesel::dsl::count_star(),
+                        diesel::dsl::min(inbox_rows::requested_at),
+                    ))
+                    .get_result::<(i64, Option<i64>)>(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(Backlog {
+            pending: u64::try_from(pending).unwrap_or(0),
+            oldest: oldest.map(Timestamp::from_unix_micros),
+        })
+    }
+
+    #[tracing::instrument(
+        level = "debug",
+        name = "sqlite.recent_failures",
+        skip_all,
+        fields(limit)
+    )]
+    async fn failures(&self, limit: usize) -> Result<Vec<FailureRecord>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = sql_limit(limit);
+        let rows = self
+            .run(Access::Read, move |mut conn| async move {
+                fetch_failures::table
+                    .order(fetch_failures::seq.desc())
+                    .limit(limit)
+                    .select((
+                        fetch_failures::object_id,
+                        fetch_failures::code,
+                        fetch_failures::reason,
+                        fetch_failures::failed_at,
+                    ))
+                    .load::<(i64, String, String, i64)>(&mut conn)
+                    .await
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(id, code, reason, at)| {
+                Ok(FailureRecord {
+                    id: stored_id(id)?,
+                    code,
+                    reason,
+                    at: Timestamp::from_unix_micros(at),
+                })
+            })
+            .collect()
+    }
 }
 
 impl ObjectStore for SqliteStore {
@@ -332,6 +509,49 @@ impl ObjectStore for SqliteStore {
 
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(self.ping_database())
+    }
+}
+
+impl Inbox for SqliteStore {
+    fn enqueue<'a>(
+        &'a self,
+        ids: &'a [ObjectId],
+        at: Timestamp,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.enqueue_ids(ids, at))
+    }
+
+    fn claim<'a>(
+        &'a self,
+        owner: &'a str,
+        now: Timestamp,
+        lease_until: Timestamp,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Claim>, StoreError>> {
+        Box::pin(self.claim_ids(owner, now, lease_until, limit))
+    }
+
+    fn complete<'a>(
+        &'a self,
+        owner: &'a str,
+        done: &'a [Completion],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.complete_claims(owner, done))
+    }
+
+    fn release<'a>(&'a self, owner: Option<&'a str>) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(self.release_leases(owner))
+    }
+
+    fn backlog(&self) -> BoxFuture<'_, Result<Backlog, StoreError>> {
+        Box::pin(self.inbox_backlog())
+    }
+
+    fn recent_failures(
+        &self,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<FailureRecord>, StoreError>> {
+        Box::pin(self.failures(limit))
     }
 }
 

@@ -11,3 +11,36 @@ diesel::table! {
         expires_at -> BigInt,
     }
 }
+
+diesel::table! {
+    /// The durable inbox: one row per distinct id waiting for, or being given, a fetch;
+    /// times are microseconds since the Unix epoch (UTC).
+    inbox (object_id) {
+        /// The object to fetch (SQLite's rowid).
+        object_id -> BigInt,
+        /// How many times the id was requested while it waited.
+        generation -> BigInt,
+        /// When the first still-waiting request arrived.
+        requested_at -> BigInt,
+        /// The worker that leased the id, if one did.
+        lease_owner -> Nullable<Text>,
+        /// Until when the lease holds.
+        lease_until -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    /// Fetches that failed for good, newest by `seq`; `failed_at` in microseconds.
+    fetch_failures (seq) {
+        /// Orders the failures: a larger `seq` was recorded later (AUTOINCREMENT).
+        seq -> BigInt,
+        /// The object.
+        object_id -> BigInt,
+        /// A short stable code: `timeout`, `status`, …
+        code -> Text,
+        /// The cause, as text.
+        reason -> Text,
+        /// When the failure was recorded.
+        failed_at -> BigInt,
+    }
+}

@@ -8,6 +8,7 @@ use diesel::sql_types::{BigInt, Text};
 use tempfile::TempDir;
 
 use super::*;
+use domain::ports::Outcome;
 
 async fn fresh(options: &StoreOptions) -> (SqliteStore, TempDir) {
     let dir = tempfile::tempdir().expect("create a temporary directory");
@@ -316,4 +317,155 @@ async fn futures_poll_once<F: Future + Unpin>(mut fut: F) -> Option<F::Output> {
         })
     })
     .await
+}
+
+fn claim(raw: i64, generation: i64) -> Claim {
+    Claim {
+        id: ObjectId::new(raw).expect("non-negative"),
+        generation,
+    }
+}
+
+fn ids(range: std::ops::Range<i64>) -> Vec<ObjectId> {
+    range
+        .map(|i| ObjectId::new(i).expect("non-negative"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_enqueue_larger_than_one_statement_is_one_transaction() {
+    use std::sync::Mutex;
+
+    use diesel::connection::{Instrumentation, InstrumentationEvent};
+
+    let (store, _dir) = fresh(&StoreOptions::default()).await;
+    let rows = i64::try_from(inbox::MAX_IDS_PER_STATEMENT + 1).expect("small");
+    let raw: Vec<i64> = (0..rows).collect();
+    let statements = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&statements);
+    let mut conn = store.pool.get().await.expect("pooled connection");
+    conn.spawn_blocking(move |conn| {
+        conn.set_instrumentation(move |event: InstrumentationEvent<'_>| {
+            if let InstrumentationEvent::StartQuery { query, .. } = event {
+                let sql = query.to_string();
+                let verb = sql.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+                seen.lock().expect("not poisoned").push(verb);
+            }
+        });
+        let result = inbox::enqueue(conn, &raw, 5);
+        conn.set_instrumentation(None::<Box<dyn Instrumentation>>);
+        result
+    })
+    .await
+    .expect("enqueue");
+    assert_eq!(
+        *statements.lock().expect("not poisoned"),
+        ["BEGIN IMMEDIATE", "INSERT INTO", "INSERT INTO", "COMMIT"]
+    );
+    drop(conn);
+    assert_eq!(
+        store.inbox_backlog().await.expect("backlog"),
+        Backlog {
+            pending: u64::try_from(rows).expect("positive"),
+            oldest: Some(Timestamp::from_unix_micros(5)),
+        }
+    );
+}
+
+/// A completion that fails half-way leaves everything as it was: no object, no failure,
+/// the ids still leased.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_completion_changes_nothing() {
+    let (store, dir) = fresh(&StoreOptions::default()).await;
+    let t = Timestamp::from_unix_micros;
+    store.enqueue_ids(&ids(0..3), t(0)).await.expect("enqueue");
+    assert_eq!(
+        store
+            .claim_ids("a", t(1), t(1_000), 10)
+            .await
+            .expect("claim")
+            .len(),
+        3
+    );
+    // Recording the failure, after the object's upsert, fails.
+    let path = dir.path().join("unit.db");
+    let mut conn = connect(path.to_str().expect("utf-8")).expect("direct connection");
+    conn.batch_execute(
+        "CREATE TRIGGER poison BEFORE INSERT ON fetch_failures \
+         BEGIN SELECT RAISE(ABORT, 'poisoned failure'); END;",
+    )
+    .expect("create trigger");
+    drop(conn);
+
+    let err = store
+        .complete_claims(
+            "a",
+            &[
+                Completion {
+                    claim: claim(0, 1),
+                    outcome: Outcome::Online(object(0, 1, 2)),
+                },
+                Completion {
+                    claim: claim(1, 1),
+                    outcome: Outcome::Failed(FailureRecord {
+                        id: ObjectId::new(1).expect("non-negative"),
+                        code: "timeout".into(),
+                        reason: "slow".into(),
+                        at: t(2),
+                    }),
+                },
+                Completion {
+                    claim: claim(2, 1),
+                    outcome: Outcome::Offline,
+                },
+            ],
+        )
+        .await
+        .expect_err("the trigger fails the transaction");
+    assert!(
+        matches!(&err, StoreError::Query(m) if m.contains("poisoned failure")),
+        "{err:?}"
+    );
+    assert_eq!(count(&store).await, 0);
+    assert_eq!(store.failures(10).await.expect("failures"), []);
+    assert_eq!(store.inbox_backlog().await.expect("backlog").pending, 3);
+    assert_eq!(
+        store
+            .claim_ids("b", t(3), t(1_000), 10)
+            .await
+            .expect("claim"),
+        [],
+        "the leases still hold"
+    );
+}
+
+/// Claims take the write lock like every other write: a claim waiting too long for it is
+/// unavailable.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_claim_waits_for_the_write_lock() {
+    let options = StoreOptions {
+        wait_timeout: Duration::from_millis(100),
+        ..StoreOptions::default()
+    };
+    let (store, _dir) = fresh(&options).await;
+    let t = Timestamp::from_unix_micros;
+    store.enqueue_ids(&ids(0..3), t(0)).await.expect("enqueue");
+    let turn = store.writes.lock().await;
+    let err = store
+        .claim_ids("a", t(1), t(1_000), 10)
+        .await
+        .expect_err("the write lock is held");
+    assert!(
+        matches!(&err, StoreError::Unavailable(m) if m.contains("write lock")),
+        "{err:?}"
+    );
+    drop(turn);
+    assert_eq!(
+        store
+            .claim_ids("a", t(1), t(1_000), 10)
+            .await
+            .expect("claim")
+            .len(),
+        3
+    );
 }

@@ -44,30 +44,32 @@ impl From<&StoredObject> for Row {
 
 /// Inserts or refreshes `rows` in one immediate transaction; times only move forward.
 pub(super) fn upsert(conn: &mut SqliteConnection, rows: &[Row]) -> QueryResult<()> {
-    conn.immediate_transaction(|conn| {
-        for chunk in rows.chunks(MAX_ROWS_PER_STATEMENT) {
-            let values: Vec<_> = chunk
-                .iter()
-                .map(|row| {
-                    (
-                        objects::id.eq(row.id),
-                        objects::last_seen.eq(row.last_seen),
-                        objects::expires_at.eq(row.expires_at),
-                    )
-                })
-                .collect();
-            diesel::insert_into(objects::table)
-                .values(values)
-                .on_conflict(objects::id)
-                .do_update()
-                .set((
-                    objects::last_seen
-                        .eq(later_of(objects::last_seen, excluded(objects::last_seen))),
-                    objects::expires_at
-                        .eq(later_of(objects::expires_at, excluded(objects::expires_at))),
-                ))
-                .execute(conn)?;
-        }
-        Ok(())
-    })
+    conn.immediate_transaction(|conn| upsert_rows(conn, rows))
+}
+
+/// Inserts or refreshes `rows`, one statement per chunk, in the caller's transaction.
+pub(super) fn upsert_rows(conn: &mut SqliteConnection, rows: &[Row]) -> QueryResult<()> {
+    for chunk in rows.chunks(MAX_ROWS_PER_STATEMENT) {
+        let values: Vec<_> = chunk
+            .iter()
+            .map(|row| {
+                (
+                    objects::id.eq(row.id),
+                    objects::last_seen.eq(row.last_seen),
+                    objects::expires_at.eq(row.expires_at),
+                )
+            })
+            .collect();
+        diesel::insert_into(objects::table)
+            .values(values)
+            .on_conflict(objects::id)
+            .do_update()
+            .set((
+                objects::last_seen.eq(later_of(objects::last_seen, excluded(objects::last_seen))),
+                objects::expires_at
+                    .eq(later_of(objects::expires_at, excluded(objects::expires_at))),
+            ))
+            .execute(conn)?;
+    }
+    Ok(())
 }

@@ -1,0 +1,226 @@
+//! What both adapters share of the [`Inbox`](domain::ports::Inbox) port: the bound on the
+//! kept failures, and the checking and sorting of what callers hand in and get back.
+
+use domain::ports::{Claim, Completion, FailureRecord, Outcome};
+use domain::{ObjectId, StoreError, StoredObject};
+
+/// How many failures `fetch_failures` keeps: a write that adds failures deletes all but
+/// the newest this many.
+pub const FAILURES_KEPT: u32 = 10_000;
+
+/// [`FAILURES_KEPT`] as the stores compare it with `seq`.
+pub(crate) const FAILURES_KEPT_SEQ: i64 = FAILURES_KEPT as i64;
+
+/// `ids` as the database stores them, ascending and each once.
+///
+/// Ascending, so that concurrent enqueues lock shared rows in the same order and wait for
+/// each other instead of deadlocking; each once, because an id named twice in one
+/// statement would be an error on PostgreSQL and a double bump on SQLite.
+pub(crate) fn sorted_ids(ids: &[ObjectId]) -> Vec<i64> {
+    let mut raw: Vec<i64> = ids.iter().map(|id| id.get()).collect();
+    raw.sort_unstable();
+    raw.dedup();
+    raw
+}
+
+/// What one `complete` call writes, split by table; claims and objects sorted by id.
+#[derive(Debug, Default)]
+pub(crate) struct Settlement {
+    /// The objects reported online, to upsert.
+    pub(crate) online: Vec<StoredObject>,
+    /// The failures to record, in the order they were handed in.
+    pub(crate) failures: Vec<FailureRecord>,
+    /// Every claim as `(id, generation)`, ascending by id.
+    pub(crate) claims: Vec<(i64, i64)>,
+}
+
+impl Settlement {
+    /// Splits `done`; refuses an id named twice or an online object that is not the
+    /// claimed id, which would be a caller's bug the database must not half-apply.
+    pub(crate) fn new(done: &[Completion]) -> Result<Self, StoreError> {
+        let mut settlement = Self::default();
+        for completion in done {
+            let id = completion.claim.id;
+            match &completion.outcome {
+                Outcome::Online(object) if object.id != id => {
+                    return Err(StoreError::Query(format!(
+                        "completion of id {} carries object {}",
+                        id.get(),
+                        object.id.get()
+                    )));
+                }
+                Outcome::Online(object) => settlement.online.push(*object),
+                Outcome::Offline => {}
+                Outcome::Failed(record) => settlement.failures.push(record.clone()),
+            }
+            settlement
+                .claims
+                .push((id.get(), completion.claim.generation));
+        }
+        settlement.claims.sort_unstable();
+        if let Some(pair) = settlement
+            .claims
+            .windows(2)
+            .find(|pair| pair[0].0 == pair[1].0)
+        {
+            return Err(StoreError::Query(format!(
+                "completion names id {} more than once",
+                pair[0].0
+            )));
+        }
+        settlement.online.sort_unstable_by_key(|object| object.id);
+        Ok(settlement)
+    }
+
+    /// Whether there is nothing to write.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.claims.is_empty()
+    }
+}
+
+/// Splits the claimed ids still in the inbox, given as `current` `(id, generation)` rows:
+/// those whose generation is still the claimed one are settled (the row goes), the others
+/// were requested again since and must be fetched once more (the lease is freed).
+///
+/// Claimed ids absent from `current` were settled already (by another instance whose
+/// lease overlapped, or by an earlier call): nothing is left to do for them.
+pub(crate) fn split_settled(claims: &[(i64, i64)], current: &[(i64, i64)]) -> (Vec<i64>, Vec<i64>) {
+    let mut settled = Vec::with_capacity(current.len());
+    let mut again = Vec::new();
+    for &(id, generation) in current {
+        let Ok(at) = claims.binary_search_by_key(&id, |claim| claim.0) else {
+            continue;
+        };
+        if claims[at].1 == generation {
+            settled.push(id);
+        } else {
+            again.push(id);
+        }
+    }
+    (settled, again)
+}
+
+/// Claimed rows `(id, generation, requested_at)` as [`Claim`]s, longest-waiting first
+/// (ties by id), whatever order the database returned them in.
+pub(crate) fn claims_in_order<T: Ord>(
+    mut rows: Vec<(i64, i64, T)>,
+) -> Result<Vec<Claim>, StoreError> {
+    rows.sort_unstable_by(|a, b| a.2.cmp(&b.2).then(a.0.cmp(&b.0)));
+    rows.into_iter()
+        .map(|(id, generation, _)| {
+            Ok(Claim {
+                id: stored_id(id)?,
+                generation,
+            })
+        })
+        .collect()
+}
+
+/// An id read back from the database.
+pub(crate) fn stored_id(raw: i64) -> Result<ObjectId, StoreError> {
+    ObjectId::new(raw).map_err(|err| StoreError::Query(format!("stored object id {raw}: {err}")))
+}
+
+/// A `usize` limit as SQL's `LIMIT`, saturating.
+pub(crate) fn sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use domain::Timestamp;
+
+    use super::*;
+
+    fn id(raw: i64) -> ObjectId {
+        ObjectId::new(raw).expect("non-negative")
+    }
+
+    fn claim(raw: i64, generation: i64) -> Claim {
+        Claim {
+            id: id(raw),
+            generation,
+        }
+    }
+
+    #[test]
+    fn ids_are_sorted_and_named_once() {
+        assert_eq!(sorted_ids(&[id(5), id(1), id(5), id(0)]), [0, 1, 5]);
+        assert!(sorted_ids(&[]).is_empty());
+    }
+
+    #[test]
+    fn a_settlement_splits_the_outcomes_and_sorts_the_claims() {
+        let object = StoredObject {
+            id: id(3),
+            last_seen: Timestamp::from_unix_micros(1),
+            expires_at: Timestamp::from_unix_micros(2),
+        };
+        let failure = FailureRecord {
+            id: id(1),
+            code: "timeout".into(),
+            reason: "slow".into(),
+            at: Timestamp::from_unix_micros(3),
+        };
+        let settlement = Settlement::new(&[
+            Completion {
+                claim: claim(3, 2),
+                outcome: Outcome::Online(object),
+            },
+            Completion {
+                claim: claim(2, 1),
+                outcome: Outcome::Offline,
+            },
+            Completion {
+                claim: claim(1, 7),
+                outcome: Outcome::Failed(failure.clone()),
+            },
+        ])
+        .expect("valid");
+        assert_eq!(settlement.online, [object]);
+        assert_eq!(settlement.failures, [failure]);
+        assert_eq!(settlement.claims, [(1, 7), (2, 1), (3, 2)]);
+        assert!(!settlement.is_empty());
+        assert!(Settlement::new(&[]).expect("empty").is_empty());
+    }
+
+    #[test]
+    fn an_id_named_twice_or_a_foreign_object_is_refused() {
+        let twice = Settlement::new(&[
+            Completion {
+                claim: claim(4, 1),
+                outcome: Outcome::Offline,
+            },
+            Completion {
+                claim: claim(4, 2),
+                outcome: Outcome::Offline,
+            },
+        ]);
+        assert!(matches!(twice, Err(StoreError::Query(m)) if m.contains("id 4")));
+
+        let foreign = Settlement::new(&[Completion {
+            claim: claim(4, 1),
+            outcome: Outcome::Online(StoredObject {
+                id: id(5),
+                last_seen: Timestamp::from_unix_micros(1),
+                expires_at: Timestamp::from_unix_micros(2),
+            }),
+        }]);
+        assert!(matches!(foreign, Err(StoreError::Query(_))));
+    }
+
+    #[test]
+    fn claimed_rows_split_by_generation() {
+        let claims = [(1, 1), (2, 1), (3, 4), (9, 1)];
+        // 1 unchanged, 2 requested again, 3 unchanged, 9 gone; 5 was never claimed.
+        let current = [(1, 1), (2, 2), (3, 4), (5, 1)];
+        assert_eq!(split_settled(&claims, &current), (vec![1, 3], vec![2]));
+    }
+
+    #[test]
+    fn claims_come_longest_waiting_first() {
+        let claims = claims_in_order(vec![(7, 1, 30), (5, 2, 10), (6, 1, 10)]).expect("valid");
+        assert_eq!(claims, [claim(5, 2), claim(6, 1), claim(7, 1)]);
+        assert!(claims_in_order(vec![(-1, 1, 0)]).is_err());
+    }
+}
