@@ -267,3 +267,9 @@ impl std::fmt::Debug for dyn Inbox {
         f.write_str("dyn Inbox")
     }
 }
+
+impl std::fmt::Debug for dyn Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("dyn Database")
+    }
+}
