@@ -2,7 +2,7 @@
 //!
 //! This crate knows nothing about HTTP, databases or any other I/O: adapters implement
 //! the [`ports`] and the binaries wire them together. Every port has an in-memory fake in
-//! [`testing`] (feature `testing`) so the pipeline can be driven by tokio's paused clock.
+//! `testing` (feature `testing`) so the pipeline can be driven by tokio's paused clock.
 
 pub mod app;
 pub mod expiry;
