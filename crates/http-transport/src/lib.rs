@@ -1,7 +1,7 @@
 //! The HTTP face of callback-service: a hyper 1 server with routing, handlers, one error
 //! envelope, limits and a bounded graceful shutdown.
 //!
-//! Two listeners share the same machinery ([`server`]): the public API ([`serve`]) and the
+//! Two listeners share the same machinery (the `server` module): the public API ([`serve`]) and the
 //! admin listener ([`serve_admin`]). Routes are declared in one place per listener
 //! (`api::router`, `admin::router`); every rejection goes through `error::ApiError`, which
 //! alone decides the status code and the `{"error","message"}` envelope.
