@@ -31,7 +31,7 @@ pub struct Args {
 const API: &str = "http://127.0.0.1:9090";
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let root = workspace_root()?;
+    let root = crate::workspace_root()?;
     let bin_dir = build(&root, args.release).await?;
 
     println!(
@@ -90,14 +90,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         bail!("a service did not stop cleanly");
     }
     Ok(())
-}
-
-fn workspace_root() -> anyhow::Result<PathBuf> {
-    let xtask_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    Ok(xtask_dir
-        .parent()
-        .context("xtask lives in the workspace root")?
-        .to_path_buf())
 }
 
 async fn build(root: &Path, release: bool) -> anyhow::Result<PathBuf> {

@@ -1,6 +1,11 @@
 //! Developer commands, run as `cargo xtask <command>`.
 
+mod bench;
 mod demo;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
 
 use clap::{Parser, Subcommand};
 
@@ -16,6 +21,17 @@ struct Cli {
 enum Command {
     /// Build and run both binaries on SQLite and print client-service's reports
     Demo(demo::Args),
+    /// Measure throughput, latency and memory with release binaries
+    Bench(bench::Args),
+}
+
+/// The workspace root (the folder above `xtask/`).
+fn workspace_root() -> anyhow::Result<PathBuf> {
+    let xtask_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    Ok(xtask_dir
+        .parent()
+        .context("xtask lives in the workspace root")?
+        .to_path_buf())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -26,5 +42,6 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         Command::Demo(args) => runtime.block_on(demo::run(args)),
+        Command::Bench(args) => runtime.block_on(bench::run(args)),
     }
 }
