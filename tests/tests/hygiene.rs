@@ -20,6 +20,7 @@ const IO_CRATES: &[&str] = &[
     "opentelemetry_sdk",
     "opentelemetry-zipkin",
     "tracing-opentelemetry",
+    "metrics-exporter-prometheus",
     "figment",
 ];
 

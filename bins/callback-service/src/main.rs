@@ -37,11 +37,23 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Before anything records: handles registered earlier would record nothing.
+    let metrics = match telemetry::metrics::install() {
+        Ok(metrics) => metrics,
+        Err(err) => {
+            eprintln!("callback-service: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    domain::metrics::describe();
+    http_transport::metrics::describe();
+    upstream_client::metrics::describe();
+    storage::metrics::describe();
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")
-        .and_then(|runtime| runtime.block_on(run(config)));
+        .and_then(|runtime| runtime.block_on(run(config, metrics)));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -51,7 +63,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, metrics: telemetry::metrics::MetricsHandle) -> anyhow::Result<()> {
     tracing::info!(config = %config.redacted_json(), "starting callback-service {}", env!("CARGO_PKG_VERSION"));
 
     let database = storage::open(
@@ -158,6 +170,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let admin_server = tokio::spawn(http_transport::serve_admin(
         admin,
         app,
+        Arc::new(move || metrics.render()),
         shutdown.child_token(),
     ));
 

@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics;
 use crate::ports::{Clock, ObjectStore};
 use crate::time::Timestamp;
 
@@ -107,6 +108,7 @@ impl Sweeper {
             let next = match self.store.next_expiry().await {
                 Ok(next) => next,
                 Err(err) => {
+                    metrics::store_error("next_expiry");
                     tracing::warn!(error = %err, retry_in = ?pause, "expiry: cannot read the next deadline");
                     if sleep_or_cancel(pause, &shutdown).await {
                         return;
@@ -126,8 +128,16 @@ impl Sweeper {
             let now = self.clock.now();
             match deadline {
                 Some(deadline) if deadline <= now => match self.delete_due(now).await {
-                    Ok(()) => pause = self.config.retry_base,
+                    Ok(deleted) => {
+                        pause = self.config.retry_base;
+                        if deleted > 0 {
+                            let late = now.saturating_duration_since(deadline);
+                            ::metrics::histogram!(metrics::EXPIRY_LATENESS)
+                                .record(metrics::seconds(late));
+                        }
+                    }
                     Err(err) => {
+                        metrics::store_error("delete_expired");
                         tracing::warn!(error = %err, retry_in = ?pause, "expiry: delete failed");
                         if sleep_or_cancel(pause, &shutdown).await {
                             return;
@@ -155,11 +165,13 @@ impl Sweeper {
         }
     }
 
-    async fn delete_due(&self, cutoff: Timestamp) -> Result<(), crate::ports::StoreError> {
+    /// Deletes every row due at `cutoff`, in batches; returns how many were deleted.
+    async fn delete_due(&self, cutoff: Timestamp) -> Result<u64, crate::ports::StoreError> {
         let limit = self.config.batch_limit.max(1);
         let mut total = 0u64;
         loop {
             let deleted = self.store.delete_expired(cutoff, limit).await?;
+            ::metrics::counter!(metrics::EXPIRED_ROWS_DELETED).increment(deleted);
             total += deleted;
             if deleted < limit as u64 {
                 break;
@@ -168,7 +180,7 @@ impl Sweeper {
         if total > 0 {
             tracing::debug!(deleted = total, "expired objects deleted");
         }
-        Ok(())
+        Ok(total)
     }
 }
 

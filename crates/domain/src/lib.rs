@@ -7,6 +7,7 @@
 pub mod app;
 pub mod expiry;
 pub mod id;
+pub mod metrics;
 pub mod pipeline;
 pub mod ports;
 pub mod time;

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::expiry::ExpiryWaker;
 use crate::id::{DistinctIds, ObjectId};
+use crate::metrics::{self, PipelineMetrics};
 use crate::ports::{
     Backlog, Claim, Clock, Completion, Database, FailureRecord, FetchError, ObjectSource, Outcome,
     StoreError, StoredObject,
@@ -143,6 +144,7 @@ struct Shared {
     clock: Arc<dyn Clock>,
     db: Arc<dyn Database>,
     counters: Counters,
+    metrics: PipelineMetrics,
     /// Wakes the dispatcher: new work committed, or capacity freed.
     work_ready: Notify,
     closed: AtomicBool,
@@ -155,6 +157,11 @@ impl Shared {
             .store(backlog.pending, Ordering::Relaxed);
         let oldest = backlog.oldest.map_or(i64::MIN, Timestamp::as_unix_micros);
         self.counters.oldest.store(oldest, Ordering::Relaxed);
+        self.metrics.backlog.set(backlog.pending as f64);
+        let waited = backlog.oldest.map_or(Duration::ZERO, |oldest| {
+            self.clock.now().saturating_duration_since(oldest)
+        });
+        self.metrics.oldest_pending.set(metrics::seconds(waited));
     }
 }
 
@@ -181,6 +188,19 @@ pub struct PipelineHandle {
 impl PipelineHandle {
     /// Records the distinct ids of a callback in the inbox; returns once they are durable.
     pub async fn submit(&self, ids: DistinctIds) -> Result<(), SubmitError> {
+        let outcome = self.record(ids).await;
+        if let Err(err) = &outcome {
+            let m = &self.shared.metrics;
+            match err {
+                SubmitError::Overloaded { .. } => m.rejected_overloaded.increment(1),
+                SubmitError::Unavailable(_) => m.rejected_unavailable.increment(1),
+                SubmitError::ShuttingDown => m.rejected_shutting_down.increment(1),
+            }
+        }
+        outcome
+    }
+
+    async fn record(&self, ids: DistinctIds) -> Result<(), SubmitError> {
         let shared = &self.shared;
         if shared.closed.load(Ordering::Acquire) {
             return Err(SubmitError::ShuttingDown);
@@ -269,6 +289,7 @@ impl Pipeline {
                 oldest: AtomicI64::new(i64::MIN),
                 ..Counters::default()
             },
+            metrics: PipelineMetrics::register(),
             work_ready: Notify::new(),
             closed: AtomicBool::new(false),
         });
@@ -381,14 +402,20 @@ async fn ingest(shared: Arc<Shared>, mut requests: mpsc::Receiver<Request>, max_
         match &outcome {
             Ok(()) => {
                 let c = &shared.counters;
+                let accepted_ids = batch.iter().map(|r| r.ids.len()).sum();
                 add(&c.group_commits, 1);
                 add(&c.accepted_callbacks, batch.len());
-                add(&c.accepted_ids, batch.iter().map(|r| r.ids.len()).sum());
+                add(&c.accepted_ids, accepted_ids);
+                let m = &shared.metrics;
+                m.group_commits.increment(1);
+                m.callbacks_accepted.increment(batch.len() as u64);
+                m.ids_accepted.increment(accepted_ids as u64);
                 // An upper bound until the monitor reads the real figure.
                 add(&c.pending, ids.len());
                 shared.work_ready.notify_one();
             }
             Err(err) => {
+                metrics::store_error("enqueue");
                 tracing::warn!(callbacks = batch.len(), ids = ids.len(), error = %err,
                     "inbox write failed; callbacks answered 503");
             }
@@ -439,6 +466,7 @@ async fn dispatch(
                     claims
                 }
                 Err(err) => {
+                    metrics::store_error("claim");
                     tracing::warn!(error = %err, retry_in = ?pause, "cannot claim work from the inbox");
                     wait = pause;
                     pause = (pause * 2).min(MAX_RETRY_PAUSE);
@@ -476,11 +504,19 @@ async fn fetch(
     abort: CancellationToken,
 ) {
     add(&shared.counters.fetches_started, 1);
+    let m = &shared.metrics;
     let id = claim.id;
+    let started = tokio::time::Instant::now();
+    m.in_flight.increment(1);
     let answer = tokio::select! {
-        answer = source.fetch(id) => answer,
-        () = abort.cancelled() => return,
+        answer = source.fetch(id) => Some(answer),
+        () = abort.cancelled() => None,
     };
+    m.in_flight.decrement(1);
+    let Some(answer) = answer else {
+        return; // aborted: the claim goes back to the inbox
+    };
+    m.fetch_duration.record(metrics::seconds(started.elapsed()));
     let now = shared.clock.now();
     let answer = answer.and_then(|status| {
         if status.id == id {
@@ -495,6 +531,7 @@ async fn fetch(
     let outcome = match answer {
         Ok(status) if status.online => {
             add(&shared.counters.online, 1);
+            m.online.increment(1);
             Outcome::Online(StoredObject {
                 id,
                 last_seen: now,
@@ -503,10 +540,13 @@ async fn fetch(
         }
         Ok(_) => {
             add(&shared.counters.offline, 1);
+            m.offline.increment(1);
             Outcome::Offline
         }
         Err(err) => {
             add(&shared.counters.failed, 1);
+            m.failed.increment(1);
+            ::metrics::counter!(metrics::FETCH_FAILURES, "code" => err.code()).increment(1);
             tracing::warn!(object_id = %id, code = err.code(), error = %err, "fetch failed");
             Outcome::Failed(FailureRecord {
                 id,
@@ -579,9 +619,16 @@ async fn complete(
 async fn settle(shared: &Shared, completions: &[Completion], abort: &CancellationToken) -> bool {
     let mut pause = shared.config.retry_base;
     loop {
+        let started = tokio::time::Instant::now();
         match shared.db.complete(&shared.config.owner, completions).await {
-            Ok(()) => return true,
+            Ok(()) => {
+                let m = &shared.metrics;
+                m.batch_duration.record(metrics::seconds(started.elapsed()));
+                m.batch_size.record(completions.len() as f64);
+                return true;
+            }
             Err(err) => {
+                metrics::store_error("complete");
                 tracing::warn!(ids = completions.len(), error = %err, retry_in = ?pause,
                     "cannot record fetch outcomes; retrying");
                 tokio::select! {
@@ -599,7 +646,10 @@ async fn monitor(shared: Arc<Shared>, stop: CancellationToken) {
     loop {
         match shared.db.backlog().await {
             Ok(backlog) => shared.note_backlog(backlog),
-            Err(err) => tracing::debug!(error = %err, "cannot read the inbox backlog"),
+            Err(err) => {
+                metrics::store_error("backlog");
+                tracing::debug!(error = %err, "cannot read the inbox backlog");
+            }
         }
         tokio::select! {
             () = tokio::time::sleep(shared.config.poll_interval) => {}

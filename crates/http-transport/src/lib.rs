@@ -11,9 +11,11 @@ mod api;
 mod callback;
 mod error;
 mod json;
+pub mod metrics;
 mod router;
 mod server;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -72,17 +74,24 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let settings = server::Settings::from(&config);
-    let state = std::sync::Arc::new(api::ApiState::new(app, &config));
+    let state = Arc::new(api::ApiState::new(app, &config));
     server::run("api", listener, api::router(), state, settings, shutdown).await
 }
 
-/// Serves the admin routes (`/failures`, `/stats`) on `listener` until `shutdown` is cancelled.
+/// Renders every metric in the Prometheus text exposition format for `GET /metrics`.
+///
+/// The binary passes its recorder's renderer in, so this crate needs no exporter.
+pub type MetricsRenderer = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Serves the admin routes (`/failures`, `/stats`, `/metrics`) on `listener` until
+/// `shutdown` is cancelled.
 ///
 /// Meant for a loopback address; it uses the same server machinery as [`serve`] with
-/// smaller limits.
+/// smaller limits. `GET /metrics` answers what `metrics` renders.
 pub async fn serve_admin(
     listener: TcpListener,
     app: domain::Application,
+    metrics: MetricsRenderer,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let settings = server::Settings {
@@ -90,7 +99,7 @@ pub async fn serve_admin(
         shutdown_grace: Duration::from_secs(5),
         ..server::Settings::from(&HttpConfig::default())
     };
-    let state = std::sync::Arc::new(admin::AdminState::new(app));
+    let state = Arc::new(admin::AdminState::new(app, metrics));
     server::run(
         "admin",
         listener,

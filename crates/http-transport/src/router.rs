@@ -1,5 +1,5 @@
 //! A small router: path patterns with `{param}` segments, per-method handlers, `404`/`405`
-//! answers, one span per request and a panic barrier around every handler.
+//! answers, one span per request, request metrics and a panic barrier around every handler.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 
 use crate::error::ApiError;
 use crate::json::Reply;
+use crate::metrics;
 
 /// What a handler returns: a response, or an error [`ApiError::into_response`] will render.
 pub(crate) type HandlerResult = Result<Reply, ApiError>;
@@ -49,6 +50,8 @@ struct Route<S> {
 /// The routes of one listener over a shared state `S`, cloned into every handler call.
 pub(crate) struct Router<S> {
     routes: Vec<Route<S>>,
+    /// Whether requests are counted in the HTTP series.
+    metered: bool,
 }
 
 impl<S> std::fmt::Debug for Router<S> {
@@ -65,8 +68,8 @@ impl<S> std::fmt::Debug for Router<S> {
 
 /// What a request resolves to.
 enum Resolved<'r, S> {
-    Found(&'r Handler<S>, PathParams),
-    MethodNotAllowed(String),
+    Found(&'r Handler<S>, PathParams, &'static str),
+    MethodNotAllowed(String, &'static str),
     NotFound,
 }
 
@@ -108,7 +111,17 @@ const ECHO_MAX: usize = 128;
 impl<S: Clone + Send + Sync + 'static> Router<S> {
     /// A router without routes: every request gets `404`.
     pub(crate) fn new() -> Self {
-        Self { routes: Vec::new() }
+        Self {
+            routes: Vec::new(),
+            metered: true,
+        }
+    }
+
+    /// Leaves this router's requests out of the HTTP series (the admin listener: scrapes
+    /// and operator calls are not the traffic being measured).
+    pub(crate) fn unmetered(mut self) -> Self {
+        self.metered = false;
+        self
     }
 
     /// Adds `handler` for `method` on `pattern` (`/objects/{id}`-style).
@@ -137,7 +150,7 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
                 continue;
             };
             return match route.methods.iter().find(|(m, _)| m == method) {
-                Some((_, handler)) => Resolved::Found(handler, params),
+                Some((_, handler)) => Resolved::Found(handler, params, route.pattern),
                 None => Resolved::MethodNotAllowed(
                     route
                         .methods
@@ -145,6 +158,7 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
                         .map(|(m, _)| m.as_str())
                         .collect::<Vec<_>>()
                         .join(", "),
+                    route.pattern,
                 ),
             };
         }
@@ -163,8 +177,12 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
     )]
     pub(crate) async fn dispatch(&self, state: S, req: Request<Incoming>) -> Reply {
         let version = req.version();
+        let started = tokio::time::Instant::now();
+        let method = metrics::method_label(req.method());
+        let mut route = metrics::UNMATCHED;
         let outcome = match self.resolve(req.method(), req.uri().path()) {
-            Resolved::Found(handler, params) => {
+            Resolved::Found(handler, params, pattern) => {
+                route = pattern;
                 // The handler is called inside the barrier too, in case building its future panics.
                 let handler = Arc::clone(handler);
                 AssertUnwindSafe(async move { handler(state, req, params).await })
@@ -172,14 +190,17 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
                     .await
                     .unwrap_or_else(|payload| Err(ApiError::panicked(&*payload)))
             }
-            Resolved::MethodNotAllowed(allow) => Err(ApiError::MethodNotAllowed {
-                message: format!(
-                    "method {} is not allowed on {}; allowed: {allow}",
-                    req.method(),
-                    echo(req.uri().path())
-                ),
-                allow,
-            }),
+            Resolved::MethodNotAllowed(allow, pattern) => {
+                route = pattern;
+                Err(ApiError::MethodNotAllowed {
+                    message: format!(
+                        "method {} is not allowed on {}; allowed: {allow}",
+                        req.method(),
+                        echo(req.uri().path())
+                    ),
+                    allow,
+                })
+            }
             Resolved::NotFound => Err(ApiError::NotFound(format!(
                 "no route for {}",
                 echo(req.uri().path())
@@ -193,6 +214,9 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         tracing::Span::current().record("status", response.status().as_u16());
+        if self.metered {
+            metrics::request(route, method, response.status(), started.elapsed());
+        }
         tracing::debug!("answered");
         response
     }
@@ -224,8 +248,8 @@ mod tests {
 
     fn resolve(method: Method, path: &str) -> Result<PathParams, Option<String>> {
         match router().resolve(&method, path) {
-            Resolved::Found(_, params) => Ok(params),
-            Resolved::MethodNotAllowed(allow) => Err(Some(allow)),
+            Resolved::Found(_, params, _) => Ok(params),
+            Resolved::MethodNotAllowed(allow, _) => Err(Some(allow)),
             Resolved::NotFound => Err(None),
         }
     }

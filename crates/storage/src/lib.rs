@@ -9,6 +9,7 @@
 //! [`testing::TestDatabase`] gives tests a throwaway PostgreSQL database.
 
 mod inbox;
+pub mod metrics;
 mod postgres;
 mod sqlite;
 #[cfg(any(test, feature = "testing"))]

@@ -562,8 +562,7 @@ async fn a_closed_port_fails_to_open_without_the_password() {
         &StoreOptions::default(),
     )
     .await
-    .err()
-    .expect("nothing listens on port 1");
+    .expect_err("nothing listens on port 1");
     assert!(
         matches!(&err, OpenError::PostgresConnect { server, .. } if server == "127.0.0.1:1/app"),
         "{err:?}"

@@ -283,8 +283,7 @@ async fn the_inbox_survives_a_restart_and_its_leases_can_be_freed() {
 async fn an_unknown_scheme_is_named_in_the_error() {
     let err = storage::open("mysql://root:hunter2@db/app", &StoreOptions::default())
         .await
-        .err()
-        .expect("mysql is not supported");
+        .expect_err("mysql is not supported");
     assert!(
         matches!(&err, OpenError::UnsupportedScheme { scheme } if scheme == "mysql"),
         "{err:?}"
@@ -301,8 +300,7 @@ async fn a_file_that_is_not_a_database_fails_to_open() {
     std::fs::write(&path, vec![0x5a_u8; 8_192]).expect("write garbage");
     let err = storage::open(&url(&path), &StoreOptions::default())
         .await
-        .err()
-        .expect("not a database");
+        .expect_err("not a database");
     assert!(
         matches!(err, OpenError::Connect { .. } | OpenError::Migrate(_)),
         "{err:?}"
@@ -318,7 +316,6 @@ async fn zero_connections_is_refused() {
     };
     let err = storage::open(&url(&dir.path().join("x.db")), &options)
         .await
-        .err()
-        .expect("zero connections");
+        .expect_err("zero connections");
     assert!(matches!(err, OpenError::InvalidOptions(_)), "{err:?}");
 }

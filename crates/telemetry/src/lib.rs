@@ -1,8 +1,11 @@
-//! Logging and tracing setup shared by both binaries.
+//! Logging, tracing and metrics setup shared by both binaries.
 //!
-//! Today this installs a `tracing` subscriber with an `EnvFilter` and human or JSON log
-//! lines on stderr. Trace export (OpenTelemetry → Zipkin) and metrics plug in here later,
-//! behind the same [`init`] and [`Guard`].
+//! [`init`] installs a `tracing` subscriber with an `EnvFilter` and human or JSON log lines
+//! on stderr; [`metrics::install`] installs the Prometheus recorder the admin listener
+//! renders. Trace export (OpenTelemetry → Zipkin) plugs in here later, behind the same
+//! [`init`] and [`Guard`].
+
+pub mod metrics;
 
 use std::io::IsTerminal;
 

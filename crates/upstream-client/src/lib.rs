@@ -14,6 +14,21 @@ use reqwest::{StatusCode, Url, header};
 use serde::Deserialize;
 use tokio::time::Instant;
 
+/// The upstream client's Prometheus series.
+pub mod metrics {
+    /// Upstream attempts retried after a transient failure.
+    pub const UPSTREAM_RETRIES: &str = "upstream_retries_total";
+
+    /// Describes the upstream client's series to the installed recorder.
+    pub fn describe() {
+        ::metrics::describe_counter!(
+            UPSTREAM_RETRIES,
+            ::metrics::Unit::Count,
+            "upstream attempts retried after a transient failure (connect error, timeout, 5xx, 429)"
+        );
+    }
+}
+
 /// The largest answer body accepted; anything longer is [`FetchError::Malformed`].
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
@@ -88,6 +103,8 @@ pub struct HttpObjectSource {
     request_timeout: Duration,
     retry_deadline: Duration,
     backoff: ExponentialBuilder,
+    /// Counts every retry, in [`metrics::UPSTREAM_RETRIES`].
+    retries: ::metrics::Counter,
 }
 
 impl HttpObjectSource {
@@ -138,6 +155,7 @@ impl HttpObjectSource {
             request_timeout: config.request_timeout,
             retry_deadline: config.retry_deadline,
             backoff,
+            retries: ::metrics::counter!(metrics::UPSTREAM_RETRIES),
         })
     }
 
@@ -162,6 +180,7 @@ impl HttpObjectSource {
             )
         })
         .notify(|failure, delay| {
+            self.retries.increment(1);
             tracing::debug!(error = %failure.error, retry_in = ?delay, "upstream attempt failed; retrying");
         })
         .await;

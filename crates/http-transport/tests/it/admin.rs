@@ -1,9 +1,9 @@
-//! The admin listener: `/stats`, `/failures`, unknown routes.
+//! The admin listener: `/stats`, `/failures`, `/metrics`, unknown routes.
 
 use domain::FetchError;
 use http::StatusCode;
 
-use crate::support::{TestServer, within};
+use crate::support::{METRICS_TEXT, TestServer, within};
 
 #[tokio::test]
 async fn failures_and_stats_are_reported() {
@@ -65,6 +65,24 @@ async fn the_admin_listener_has_only_admin_routes() {
         .assert_error(404, "not_found");
     server
         .admin_get("/objects")
+        .await
+        .assert_error(404, "not_found");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_are_rendered_as_prometheus_text() {
+    let server = TestServer::start().await;
+    let (status, headers, text) = server.admin_get_text("/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    let content_type = headers[http::header::CONTENT_TYPE].to_str().unwrap();
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "{content_type}"
+    );
+    assert_eq!(text, METRICS_TEXT);
+    server
+        .admin_get("/metrics/x")
         .await
         .assert_error(404, "not_found");
     server.stop().await;

@@ -22,6 +22,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// What the test servers' `GET /metrics` renders.
+pub const METRICS_TEXT: &str = "# TYPE test_metric_total counter\ntest_metric_total 1\n";
+
 /// How long any single step of a test may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -152,6 +155,7 @@ impl TestServer {
         let admin = tokio::spawn(http_transport::serve_admin(
             admin_listener,
             app,
+            Arc::new(|| METRICS_TEXT.to_owned()),
             shutdown.clone(),
         ));
         Self {
@@ -208,6 +212,18 @@ impl TestServer {
             request(Method::GET, path, None, ""),
         )
         .await
+    }
+
+    /// `GET path` on the admin listener, for an answer that is not JSON: status, headers
+    /// and the body as text.
+    pub async fn admin_get_text(&self, path: &str) -> (StatusCode, HeaderMap, String) {
+        let uri = format!("http://{}{path}", self.admin_addr);
+        let req = Request::get(uri).body(Full::new(Bytes::new())).unwrap();
+        let response = within(path, self.client.request(req)).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let bytes = within(path, body.collect()).await.unwrap().to_bytes();
+        let text = String::from_utf8(bytes.to_vec()).expect("utf-8 body");
+        (parts.status, parts.headers, text)
     }
 
     /// `POST /callback` with a JSON body.

@@ -175,6 +175,7 @@ fn describe_driver_error(err: &tokio_postgres::Error) -> String {
 pub struct PgStore {
     pool: Pool<AsyncPgConnection>,
     server: String,
+    gauges: Arc<crate::metrics::PoolGauges>,
 }
 
 impl fmt::Debug for PgStore {
@@ -231,7 +232,11 @@ impl PgStore {
             .build()
             .map_err(OpenError::Pool)?;
 
-        let store = Self { pool, server };
+        let store = Self {
+            pool,
+            server,
+            gauges: Arc::new(crate::metrics::PoolGauges::register()),
+        };
         store.ping_database().await.map_err(OpenError::Check)?;
         tracing::info!(
             server = %store.server,
@@ -253,10 +258,15 @@ impl PgStore {
         Fut: Future<Output = QueryResult<T>> + Send + 'static,
     {
         let pool = self.pool.clone();
+        let gauges = Arc::clone(&self.gauges);
         let task = tokio::spawn(
             async move {
-                let conn = pool.get().await.map_err(pool_error)?;
-                op(conn).await.map_err(query_error)
+                let conn = pool.get().await;
+                gauges.observe(&pool.status());
+                let result = op(conn.map_err(pool_error)?).await;
+                // The connection is back in the pool by now.
+                gauges.observe(&pool.status());
+                result.map_err(query_error)
             }
             .in_current_span(),
         );

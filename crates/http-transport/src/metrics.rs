@@ -1,0 +1,92 @@
+//! The HTTP series, recorded by the router for every request on the public listener.
+
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use metrics::{SharedString, Unit, counter, describe_counter, describe_histogram, histogram};
+
+/// Requests answered, by `route`, `method` and `status`.
+pub const HTTP_REQUESTS: &str = "http_requests_total";
+/// Time from a request's arrival to its response, by `route` and `method`.
+pub const HTTP_REQUEST_DURATION: &str = "http_request_duration_seconds";
+
+/// The `route` of a request no route matched (`404`): never the raw path.
+pub(crate) const UNMATCHED: &str = "unmatched";
+
+/// Describes the HTTP series to the installed recorder (units and help text).
+pub fn describe() {
+    describe_counter!(
+        HTTP_REQUESTS,
+        Unit::Count,
+        "requests answered on the public listener, by route pattern, method and status"
+    );
+    describe_histogram!(
+        HTTP_REQUEST_DURATION,
+        Unit::Seconds,
+        "time from a request's arrival to its response, by route pattern and method"
+    );
+}
+
+/// Counts one answered request and records how long it took.
+pub(crate) fn request(
+    route: &'static str,
+    method: &'static str,
+    status: StatusCode,
+    took: Duration,
+) {
+    counter!(HTTP_REQUESTS, "route" => route, "method" => method, "status" => status_label(status))
+        .increment(1);
+    histogram!(HTTP_REQUEST_DURATION, "route" => route, "method" => method)
+        .record(took.as_secs_f64());
+}
+
+/// The method as a static label; methods outside the standard ones are `other`, so a
+/// client cannot create series at will.
+pub(crate) fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
+/// The status code as a label, without allocating for the codes this server answers.
+fn status_label(status: StatusCode) -> SharedString {
+    let known = match status.as_u16() {
+        200 => "200",
+        202 => "202",
+        400 => "400",
+        404 => "404",
+        405 => "405",
+        408 => "408",
+        413 => "413",
+        415 => "415",
+        422 => "422",
+        500 => "500",
+        503 => "503",
+        other => return SharedString::from(other.to_string()),
+    };
+    SharedString::const_str(known)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_the_numeric_status_and_a_bounded_method() {
+        for code in [200, 202, 204, 404, 418, 503] {
+            let status = StatusCode::from_u16(code).unwrap();
+            assert_eq!(&*status_label(status), code.to_string());
+        }
+        assert_eq!(method_label(&Method::POST), "POST");
+        assert_eq!(method_label(&Method::from_bytes(b"BREW").unwrap()), "other");
+    }
+}

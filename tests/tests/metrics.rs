@@ -1,0 +1,212 @@
+//! `GET /metrics` on the admin listener of the real `callback-service`, after traffic:
+//! the Prometheus series the operators read, with the counts the traffic implies.
+//!
+//! SQLite only: the series do not depend on the backend, and the PostgreSQL pool gauges
+//! are not asserted here.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::json;
+use tests::{Backend, Service, Upstream, eventually, http};
+
+const WAIT: Duration = Duration::from_secs(20);
+const POLL: Duration = Duration::from_millis(20);
+
+/// One sample: the series name and its labels, sorted by name.
+type Series = (String, Vec<(String, String)>);
+
+/// Parses the Prometheus text format into samples; comment lines are skipped.
+fn parse(text: &str) -> anyhow::Result<BTreeMap<Series, f64>> {
+    let mut samples = BTreeMap::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .ok_or_else(|| anyhow::anyhow!("no value in {line:?}"))?;
+        let value: f64 = value.parse()?;
+        let (name, labels) = match series.split_once('{') {
+            None => (series, Vec::new()),
+            Some((name, rest)) => {
+                let inner = rest.strip_suffix('}').unwrap_or(rest);
+                let mut labels: Vec<(String, String)> = inner
+                    .split("\",")
+                    .filter(|pair| !pair.is_empty())
+                    .filter_map(|pair| pair.split_once('='))
+                    .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
+                    .collect();
+                labels.sort();
+                (name, labels)
+            }
+        };
+        samples.insert((name.to_owned(), labels), value);
+    }
+    Ok(samples)
+}
+
+/// The value of `name{labels}`, if the series exists.
+fn value(samples: &BTreeMap<Series, f64>, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut labels: Vec<(String, String)> = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    labels.sort();
+    samples.get(&(name.to_owned(), labels)).copied()
+}
+
+async fn scrape(service: &Service) -> anyhow::Result<(String, String)> {
+    let response = http().get(service.admin_url("/metrics")).send().await?;
+    anyhow::ensure!(
+        response.status() == 200,
+        "GET /metrics answered {}",
+        response.status()
+    );
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    Ok((content_type, response.text().await?))
+}
+
+async fn post(service: &Service, body: &str) -> anyhow::Result<u16> {
+    let response = http()
+        .post(service.url("/callback"))
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await?;
+    Ok(response.status().as_u16())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_after_traffic_hold_the_named_series_with_their_counts() -> anyhow::Result<()> {
+    let upstream = Upstream::start(0, 5).await?;
+    let ttl = Duration::from_secs(1);
+    let service = Service::start(Backend::Sqlite, &upstream.base_url(), ttl, &[])
+        .await?
+        .expect("sqlite is always available");
+
+    // Three callbacks naming six distinct ids, four of them even (online), one bad body,
+    // one unknown path.
+    for ids in [json!([0, 1, 2]), json!([3, 4]), json!([6])] {
+        let body = json!({ "object_ids": ids }).to_string();
+        assert_eq!(post(&service, &body).await?, 202, "{body}");
+    }
+    assert_eq!(post(&service, "{not json").await?, 400);
+    let status = http()
+        .get(service.url("/no/such/path"))
+        .send()
+        .await?
+        .status();
+    assert_eq!(status, 404);
+
+    // Every fetch finished and every online row expired and was deleted.
+    let samples = eventually(WAIT, POLL, || async {
+        let (_, text) = scrape(&service).await?;
+        let samples = parse(&text)?;
+        let done = value(&samples, "fetches_total", &[("outcome", "online")]) == Some(4.0)
+            && value(&samples, "fetches_total", &[("outcome", "offline")]) == Some(2.0)
+            && value(&samples, "expired_rows_deleted_total", &[]) == Some(4.0);
+        Ok(done.then_some(samples))
+    })
+    .await?;
+
+    let count = |name: &str, labels: &[(&str, &str)]| value(&samples, name, labels);
+    assert_eq!(count("callbacks_accepted_total", &[]), Some(3.0));
+    assert_eq!(count("ids_accepted_total", &[]), Some(6.0));
+    let commits = count("inbox_group_commits_total", &[]).unwrap_or_default();
+    assert!((1.0..=3.0).contains(&commits), "group commits: {commits}");
+    assert_eq!(
+        count("fetches_total", &[("outcome", "failed")]),
+        Some(0.0),
+        "registered at start, never incremented"
+    );
+    assert_eq!(
+        count("upstream_fetch_duration_seconds_count", &[]),
+        Some(6.0)
+    );
+    assert_eq!(count("fetches_in_flight", &[]), Some(0.0));
+    let settled = count("store_batch_size_sum", &[]).unwrap_or_default();
+    assert_eq!(settled, 6.0, "every outcome settled once");
+    assert!(count("store_batch_duration_seconds_count", &[]).unwrap_or_default() >= 1.0);
+    assert!(count("expiry_lateness_seconds_count", &[]).unwrap_or_default() >= 1.0);
+    assert_eq!(count("upstream_retries_total", &[]), Some(0.0));
+
+    let callback = [("route", "/callback"), ("method", "POST")];
+    assert_eq!(
+        count(
+            "http_requests_total",
+            &[callback[0], callback[1], ("status", "202")]
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        count(
+            "http_requests_total",
+            &[callback[0], callback[1], ("status", "400")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        count(
+            "http_requests_total",
+            &[("route", "unmatched"), ("method", "GET"), ("status", "404")]
+        ),
+        Some(1.0),
+        "an unknown path is counted under `unmatched`, never under its raw path"
+    );
+    assert_eq!(
+        count("http_request_duration_seconds_count", &callback),
+        Some(4.0)
+    );
+    assert!(
+        count(
+            "http_request_duration_seconds_bucket",
+            &[callback[0], callback[1], ("le", "+Inf")]
+        ) == Some(4.0),
+        "request latency is a histogram with buckets"
+    );
+    let raw_paths: Vec<_> = samples
+        .keys()
+        .filter(|(_, labels)| {
+            labels
+                .iter()
+                .any(|(k, v)| k == "route" && (v.contains("no/such") || v == "/metrics"))
+        })
+        .collect();
+    assert!(
+        raw_paths.is_empty(),
+        "raw paths or admin routes in the series: {raw_paths:?}"
+    );
+
+    // The backlog gauges are set by the monitor, which reads the inbox every second.
+    eventually(WAIT, POLL, || async {
+        let (_, text) = scrape(&service).await?;
+        let samples = parse(&text)?;
+        let idle = value(&samples, "inbox_backlog_ids", &[]) == Some(0.0)
+            && value(&samples, "inbox_oldest_pending_seconds", &[]) == Some(0.0);
+        Ok(idle.then_some(()))
+    })
+    .await?;
+
+    let (content_type, text) = scrape(&service).await?;
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "{content_type}"
+    );
+    for help in [
+        "# HELP callbacks_accepted_total ",
+        "# HELP http_request_duration_seconds ",
+        "# TYPE http_request_duration_seconds histogram",
+        "# TYPE upstream_fetch_duration_seconds histogram",
+        "# TYPE store_batch_size histogram",
+        "# TYPE inbox_backlog_ids gauge",
+    ] {
+        assert!(text.contains(help), "missing {help:?} in:\n{text}");
+    }
+    Ok(())
+}
