@@ -8,6 +8,99 @@
 //! the url's database serves one instance only. With the `testing` feature,
 //! [`testing::TestDatabase`] gives tests a throwaway PostgreSQL database.
 
+/// Implements [`domain::ObjectStore`] and [`domain::Inbox`] for an adapter by delegating
+/// to its inherent async methods of the same names, so the glue is written once for both
+/// backends and each adapter only states its queries.
+macro_rules! delegate_ports {
+    ($store:ty) => {
+        impl ::domain::ObjectStore for $store {
+            fn upsert_seen<'a>(
+                &'a self,
+                batch: &'a [::domain::StoredObject],
+            ) -> ::domain::BoxFuture<'a, Result<(), ::domain::StoreError>> {
+                Box::pin(self.upsert(batch))
+            }
+
+            fn delete_expired(
+                &self,
+                cutoff: ::domain::Timestamp,
+                limit: usize,
+            ) -> ::domain::BoxFuture<'_, Result<u64, ::domain::StoreError>> {
+                Box::pin(self.delete_due(cutoff, limit))
+            }
+
+            fn next_expiry(&self) -> ::domain::BoxFuture<'_, Result<Option<::domain::Timestamp>, ::domain::StoreError>> {
+                Box::pin(self.earliest_expiry())
+            }
+
+            fn get(
+                &self,
+                id: ::domain::ObjectId,
+                now: ::domain::Timestamp,
+            ) -> ::domain::BoxFuture<'_, Result<Option<::domain::StoredObject>, ::domain::StoreError>> {
+                Box::pin(self.get_live(id, now))
+            }
+
+            fn list(
+                &self,
+                now: ::domain::Timestamp,
+                after: Option<::domain::ObjectId>,
+                limit: usize,
+            ) -> ::domain::BoxFuture<'_, Result<Vec<::domain::StoredObject>, ::domain::StoreError>> {
+                Box::pin(self.list_live(now, after, limit))
+            }
+
+            fn ping(&self) -> ::domain::BoxFuture<'_, Result<(), ::domain::StoreError>> {
+                Box::pin(self.ping_database())
+            }
+        }
+
+        impl ::domain::Inbox for $store {
+            fn enqueue<'a>(
+                &'a self,
+                ids: &'a [::domain::ObjectId],
+                at: ::domain::Timestamp,
+            ) -> ::domain::BoxFuture<'a, Result<(), ::domain::StoreError>> {
+                Box::pin(self.enqueue_ids(ids, at))
+            }
+
+            fn claim<'a>(
+                &'a self,
+                owner: &'a str,
+                now: ::domain::Timestamp,
+                lease_until: ::domain::Timestamp,
+                limit: usize,
+            ) -> ::domain::BoxFuture<'a, Result<Vec<::domain::Claim>, ::domain::StoreError>> {
+                Box::pin(self.claim_ids(owner, now, lease_until, limit))
+            }
+
+            fn complete<'a>(
+                &'a self,
+                owner: &'a str,
+                done: &'a [::domain::Completion],
+            ) -> ::domain::BoxFuture<'a, Result<(), ::domain::StoreError>> {
+                Box::pin(self.complete_claims(owner, done))
+            }
+
+            fn release<'a>(&'a self, owner: Option<&'a str>) -> ::domain::BoxFuture<'a, Result<u64, ::domain::StoreError>> {
+                Box::pin(self.release_leases(owner))
+            }
+
+            fn backlog(&self) -> ::domain::BoxFuture<'_, Result<::domain::Backlog, ::domain::StoreError>> {
+                Box::pin(self.inbox_backlog())
+            }
+
+            fn recent_failures(
+                &self,
+                limit: usize,
+            ) -> ::domain::BoxFuture<'_, Result<Vec<::domain::FailureRecord>, ::domain::StoreError>> {
+                Box::pin(self.failures(limit))
+            }
+        }
+    };
+}
+pub(crate) use delegate_ports;
+
 mod inbox;
 pub mod metrics;
 mod postgres;

@@ -25,8 +25,8 @@ use diesel_async::pooled_connection::{
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
-use domain::ports::{Backlog, Claim, Completion, FailureRecord, Inbox};
-use domain::{BoxFuture, ObjectId, ObjectStore, StoreError, StoredObject, Timestamp};
+use domain::ports::{Backlog, Claim, Completion, FailureRecord};
+use domain::{ObjectId, StoreError, StoredObject, Timestamp};
 use tokio_postgres::config::Host;
 use tracing::Instrument;
 
@@ -621,90 +621,7 @@ impl PgStore {
     }
 }
 
-impl ObjectStore for PgStore {
-    fn upsert_seen<'a>(
-        &'a self,
-        batch: &'a [StoredObject],
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.upsert(batch))
-    }
-
-    fn delete_expired(
-        &self,
-        cutoff: Timestamp,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<u64, StoreError>> {
-        Box::pin(self.delete_due(cutoff, limit))
-    }
-
-    fn next_expiry(&self) -> BoxFuture<'_, Result<Option<Timestamp>, StoreError>> {
-        Box::pin(self.earliest_expiry())
-    }
-
-    fn get(
-        &self,
-        id: ObjectId,
-        now: Timestamp,
-    ) -> BoxFuture<'_, Result<Option<StoredObject>, StoreError>> {
-        Box::pin(self.get_live(id, now))
-    }
-
-    fn list(
-        &self,
-        now: Timestamp,
-        after: Option<ObjectId>,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<StoredObject>, StoreError>> {
-        Box::pin(self.list_live(now, after, limit))
-    }
-
-    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(self.ping_database())
-    }
-}
-
-impl Inbox for PgStore {
-    fn enqueue<'a>(
-        &'a self,
-        ids: &'a [ObjectId],
-        at: Timestamp,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.enqueue_ids(ids, at))
-    }
-
-    fn claim<'a>(
-        &'a self,
-        owner: &'a str,
-        now: Timestamp,
-        lease_until: Timestamp,
-        limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<Claim>, StoreError>> {
-        Box::pin(self.claim_ids(owner, now, lease_until, limit))
-    }
-
-    fn complete<'a>(
-        &'a self,
-        owner: &'a str,
-        done: &'a [Completion],
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.complete_claims(owner, done))
-    }
-
-    fn release<'a>(&'a self, owner: Option<&'a str>) -> BoxFuture<'a, Result<u64, StoreError>> {
-        Box::pin(self.release_leases(owner))
-    }
-
-    fn backlog(&self) -> BoxFuture<'_, Result<Backlog, StoreError>> {
-        Box::pin(self.inbox_backlog())
-    }
-
-    fn recent_failures(
-        &self,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<FailureRecord>, StoreError>> {
-        Box::pin(self.failures(limit))
-    }
-}
+crate::delegate_ports!(PgStore);
 
 /// One row of `objects` as read.
 #[derive(Debug, Queryable, Selectable)]
