@@ -204,6 +204,15 @@ pub struct Upstream {
 impl Upstream {
     /// Starts the simulator answering after `min_ms..=max_ms`.
     pub async fn start(min_ms: u64, max_ms: u64) -> anyhow::Result<Self> {
+        Self::start_with_env(min_ms, max_ms, &[]).await
+    }
+
+    /// [`Upstream::start`] with extra `CLIENT_…` env.
+    pub async fn start_with_env(
+        min_ms: u64,
+        max_ms: u64,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let mut command = Command::new(&bins().client_service);
         command
             .args(["--no-emitter", "--upstream-listen", "127.0.0.1:0"])
@@ -211,6 +220,9 @@ impl Upstream {
             .args(["--max-latency-ms", &max_ms.to_string()])
             .current_dir(std::env::temp_dir())
             .env("RUST_LOG", "info");
+        for (key, value) in env {
+            command.env(key, value);
+        }
         let mut process = Process::spawn(command)?;
         let addr = process
             .wait_for_line(START_DEADLINE, |line| {

@@ -109,4 +109,8 @@ fn adapters_do_not_depend_on_each_other() {
         "http-transport",
         &["diesel", "reqwest", "storage", "upstream-client"],
     );
+    // Adapters carry trace context (`trace-context`) but never hold the exporter.
+    for adapter in ["storage", "upstream-client", "http-transport"] {
+        assert_free_of(adapter, &["telemetry", "opentelemetry-zipkin"]);
+    }
 }

@@ -30,7 +30,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let _telemetry = match telemetry::init(&config.telemetry) {
+    let _telemetry = match telemetry::init(
+        &config.telemetry,
+        telemetry::Service {
+            name: "callback-service",
+            version: env!("CARGO_PKG_VERSION"),
+        },
+    ) {
         Ok(guard) => guard,
         Err(err) => {
             eprintln!("callback-service: {err}");

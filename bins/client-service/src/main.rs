@@ -24,7 +24,13 @@ fn start() -> anyhow::Result<()> {
     let flags = Flags::parse();
     let config = Config::load(&flags)?;
     let settings = config.settings()?;
-    let _telemetry = telemetry::init(&config.telemetry)?;
+    let _telemetry = telemetry::init(
+        &config.telemetry,
+        telemetry::Service {
+            name: "client-service",
+            version: env!("CARGO_PKG_VERSION"),
+        },
+    )?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -1,5 +1,8 @@
 //! The upstream simulator: `GET /objects/{id}` answers `{"id":N,"online":N%2==0}` after a
 //! random latency, like the upstream API callback-service asks.
+//!
+//! Each request runs in a span that continues the caller's trace (W3C `traceparent`) when
+//! span export is on (`telemetry.zipkin_endpoint`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -18,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::config::SimulatorSettings;
 
@@ -78,7 +82,18 @@ pub async fn serve(
         };
         let connection = http.serve_connection(
             TokioIo::new(stream),
-            service_fn(move |request| handle(request, latency)),
+            service_fn(move |request: Request<Incoming>| {
+                let span = tracing::info_span!(
+                    "request",
+                    otel.name = "GET /objects/{id}",
+                    otel.kind = "server",
+                    method = %request.method(),
+                    path = %request.uri().path(),
+                );
+                // Continues callback-service's trace when the request carries one.
+                telemetry::propagation::set_parent(&span, request.headers());
+                handle(request, latency).instrument(span)
+            }),
         );
         let connection = graceful.watch(connection);
         connections.spawn(async move {

@@ -9,6 +9,7 @@ use domain::BoxFuture;
 use futures_util::FutureExt as _;
 use http::{HeaderValue, Method, Request, Version, header};
 use hyper::body::Incoming;
+use tracing::Instrument as _;
 
 use crate::error::ApiError;
 use crate::json::Reply;
@@ -169,20 +170,61 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
     ///
     /// A panic in the handler is caught here and answered as `500 internal_error`; the
     /// connection and the server keep working.
-    #[tracing::instrument(
-        name = "request",
-        level = "debug",
-        skip_all,
-        fields(method = %req.method(), path = %req.uri().path(), status = tracing::field::Empty)
-    )]
+    ///
+    /// Every request runs in a `request` span named `{method} {route}` for trace export,
+    /// with `method`, `path`, `route` and `status`; it continues the caller's trace when
+    /// the request carries a `traceparent`. The span is at `info` on metered routers (the
+    /// traffic being traced) and at `debug` on the others (scrapes and operator calls).
     pub(crate) async fn dispatch(&self, state: S, req: Request<Incoming>) -> Reply {
+        let resolved = self.resolve(req.method(), req.uri().path());
+        let route = match &resolved {
+            Resolved::Found(_, _, pattern) | Resolved::MethodNotAllowed(_, pattern) => *pattern,
+            Resolved::NotFound => metrics::UNMATCHED,
+        };
+        let method = metrics::method_label(req.method());
+        // The exported span's name is fixed when the span is created: the route is known
+        // by then.
+        let name = tracing::field::display(SpanName { method, route });
+        let span = if self.metered {
+            tracing::info_span!(
+                "request",
+                otel.name = name,
+                otel.kind = "server",
+                method = %req.method(),
+                path = %req.uri().path(),
+                route,
+                status = tracing::field::Empty,
+            )
+        } else {
+            tracing::debug_span!(
+                "request",
+                otel.name = name,
+                otel.kind = "server",
+                method = %req.method(),
+                path = %req.uri().path(),
+                route,
+                status = tracing::field::Empty,
+            )
+        };
+        trace_context::set_parent(&span, req.headers());
+        self.dispatch_in_span(state, req, resolved, method, route)
+            .instrument(span)
+            .await
+    }
+
+    /// [`Router::dispatch`] inside its span.
+    async fn dispatch_in_span(
+        &self,
+        state: S,
+        req: Request<Incoming>,
+        resolved: Resolved<'_, S>,
+        method: &'static str,
+        route: &'static str,
+    ) -> Reply {
         let version = req.version();
         let started = tokio::time::Instant::now();
-        let method = metrics::method_label(req.method());
-        let mut route = metrics::UNMATCHED;
-        let outcome = match self.resolve(req.method(), req.uri().path()) {
-            Resolved::Found(handler, params, pattern) => {
-                route = pattern;
+        let outcome = match resolved {
+            Resolved::Found(handler, params, _) => {
                 // The handler is called inside the barrier too, in case building its future panics.
                 let handler = Arc::clone(handler);
                 AssertUnwindSafe(async move { handler(state, req, params).await })
@@ -190,17 +232,14 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
                     .await
                     .unwrap_or_else(|payload| Err(ApiError::panicked(&*payload)))
             }
-            Resolved::MethodNotAllowed(allow, pattern) => {
-                route = pattern;
-                Err(ApiError::MethodNotAllowed {
-                    message: format!(
-                        "method {} is not allowed on {}; allowed: {allow}",
-                        req.method(),
-                        echo(req.uri().path())
-                    ),
-                    allow,
-                })
-            }
+            Resolved::MethodNotAllowed(allow, _) => Err(ApiError::MethodNotAllowed {
+                message: format!(
+                    "method {} is not allowed on {}; allowed: {allow}",
+                    req.method(),
+                    echo(req.uri().path())
+                ),
+                allow,
+            }),
             Resolved::NotFound => Err(ApiError::NotFound(format!(
                 "no route for {}",
                 echo(req.uri().path())
@@ -219,6 +258,19 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
         }
         tracing::debug!("answered");
         response
+    }
+}
+
+/// The name of a request's exported span, `{method} {route}`, written without allocating.
+#[derive(Debug, Clone, Copy)]
+struct SpanName {
+    method: &'static str,
+    route: &'static str,
+}
+
+impl std::fmt::Display for SpanName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.method, self.route)
     }
 }
 

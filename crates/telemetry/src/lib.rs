@@ -1,11 +1,16 @@
 //! Logging, tracing and metrics setup shared by both binaries.
 //!
 //! [`init`] installs a `tracing` subscriber with an `EnvFilter` and human or JSON log lines
-//! on stderr; [`metrics::install`] installs the Prometheus recorder the admin listener
-//! renders. Trace export (OpenTelemetry → Zipkin) plugs in here later, behind the same
-//! [`init`] and [`Guard`].
+//! on stderr and, when `telemetry.zipkin_endpoint` is set, exports spans to Zipkin through
+//! OpenTelemetry; [`metrics::install`] installs the Prometheus recorder the admin listener
+//! renders; [`propagation`] carries trace context over HTTP (W3C `traceparent` and B3).
 
 pub mod metrics;
+mod traces;
+
+/// Trace context over HTTP, re-exported for the binaries (the adapters use `trace-context`
+/// directly, without this crate's exporter).
+pub use trace_context as propagation;
 
 use std::io::IsTerminal;
 
@@ -35,6 +40,9 @@ pub struct TelemetryConfig {
     pub log_format: LogFormat,
     /// Where spans are sent (Zipkin v2 JSON API); empty turns export off.
     pub zipkin_endpoint: String,
+    /// The share of new traces recorded and exported, from 0.0 to 1.0; a trace continued
+    /// from a caller follows the caller's decision.
+    pub sample_ratio: f64,
 }
 
 impl Default for TelemetryConfig {
@@ -43,15 +51,34 @@ impl Default for TelemetryConfig {
             log_filter: "info".to_owned(),
             log_format: LogFormat::Human,
             zipkin_endpoint: String::new(),
+            sample_ratio: 1.0,
         }
     }
 }
 
-/// Keeps telemetry running; dropping it flushes what is buffered.
+/// Who is emitting the telemetry: the `service.name` and `service.version` of every span.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Service {
+    /// The binary's name, e.g. `callback-service`.
+    pub name: &'static str,
+    /// The binary's version.
+    pub version: &'static str,
+}
+
+/// Keeps telemetry running; dropping it flushes the spans still buffered and stops the
+/// exporter, waiting at most [`traces::SHUTDOWN_BOUND`].
 #[derive(Debug)]
 #[must_use = "telemetry stops when the guard is dropped"]
 pub struct Guard {
-    _private: (),
+    traces: Option<traces::Exporter>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(traces) = self.traces.take() {
+            traces.shutdown();
+        }
+    }
 }
 
 /// Why telemetry could not start.
@@ -63,12 +90,36 @@ pub enum InitError {
     /// A global subscriber was already installed.
     #[error("a tracing subscriber is already installed")]
     AlreadyInstalled,
+    /// `sample_ratio` is not between 0 and 1.
+    #[error("telemetry.sample_ratio: must be between 0.0 and 1.0, got {0}")]
+    SampleRatio(f64),
+    /// The Zipkin exporter could not be built.
+    #[error("telemetry.zipkin_endpoint: {0}")]
+    Zipkin(String),
 }
 
 /// Installs the global subscriber; `RUST_LOG` overrides `config.log_filter`.
-pub fn init(config: &TelemetryConfig) -> Result<Guard, InitError> {
+///
+/// With a non-empty `config.zipkin_endpoint`, spans that pass the filter are also exported
+/// to Zipkin as `service`, sampled at `config.sample_ratio`, and the W3C trace context and
+/// B3 propagators are installed for [`propagation`].
+pub fn init(config: &TelemetryConfig, service: Service) -> Result<Guard, InitError> {
     let filter = build_filter(config, std::env::var("RUST_LOG").ok())?;
-    let registry = tracing_subscriber::registry().with(filter);
+    if !(0.0..=1.0).contains(&config.sample_ratio) {
+        return Err(InitError::SampleRatio(config.sample_ratio));
+    }
+    let exporter = if config.zipkin_endpoint.is_empty() {
+        None
+    } else {
+        Some(traces::Exporter::zipkin(
+            &config.zipkin_endpoint,
+            config.sample_ratio,
+            service,
+        )?)
+    };
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(exporter.as_ref().map(traces::Exporter::layer));
     let installed = match config.log_format {
         LogFormat::Human => registry
             .with(
@@ -86,13 +137,15 @@ pub fn init(config: &TelemetryConfig) -> Result<Guard, InitError> {
             .try_init(),
     };
     installed.map_err(|_| InitError::AlreadyInstalled)?;
-    if !config.zipkin_endpoint.is_empty() {
-        tracing::warn!(
+    if let Some(exporter) = &exporter {
+        exporter.install_propagators();
+        tracing::info!(
             endpoint = %config.zipkin_endpoint,
-            "telemetry.zipkin_endpoint is set but span export is not built yet; spans stay local"
+            sample_ratio = config.sample_ratio,
+            "exporting spans to zipkin"
         );
     }
-    Ok(Guard { _private: () })
+    Ok(Guard { traces: exporter })
 }
 
 /// The filter from `RUST_LOG` when set, else from the configuration.
@@ -122,6 +175,25 @@ mod tests {
         assert!(err.to_string().starts_with("telemetry.log_filter"), "{err}");
         let err = build_filter(&TelemetryConfig::default(), Some("=[".into())).unwrap_err();
         assert!(err.to_string().contains("RUST_LOG"), "{err}");
+    }
+
+    #[test]
+    fn a_sample_ratio_outside_zero_to_one_is_refused() {
+        for bad in [-0.1, 1.5, f64::NAN] {
+            let config = TelemetryConfig {
+                sample_ratio: bad,
+                ..TelemetryConfig::default()
+            };
+            let service = Service {
+                name: "test",
+                version: "0",
+            };
+            let err = init(&config, service).unwrap_err();
+            assert!(
+                err.to_string().starts_with("telemetry.sample_ratio"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -5,6 +5,9 @@
 //! Transient failures (connect errors, timeouts, 5xx, 429) are retried with exponential
 //! backoff and jitter until the next attempt could no longer finish within the retry
 //! deadline; everything else is returned at once. See [`UpstreamConfig`].
+//!
+//! Each fetch runs in an `upstream.fetch` span, and every request carries its trace
+//! context (W3C `traceparent`, B3) when span export is on.
 
 use std::time::Duration;
 
@@ -160,7 +163,11 @@ impl HttpObjectSource {
     }
 
     /// Fetches `id`, retrying transient failures until the deadline.
-    #[tracing::instrument(name = "upstream.fetch", skip_all, fields(object_id = %id))]
+    #[tracing::instrument(
+        name = "upstream.fetch",
+        skip_all,
+        fields(otel.kind = "client", object_id = %id)
+    )]
     async fn fetch_with_retries(&self, id: ObjectId) -> Result<ObjectStatus, FetchError> {
         let started = Instant::now();
         let mut attempts = 0u32;
@@ -195,13 +202,20 @@ impl HttpObjectSource {
         result.map_err(|failure| failure.error)
     }
 
-    /// One request, its answer checked and parsed.
+    /// One request, its answer checked and parsed; it carries the trace context of the
+    /// current (`upstream.fetch`) span, so the upstream can continue the trace.
     async fn attempt(&self, id: ObjectId) -> Result<ObjectStatus, Failure> {
         let url = format!("{}{}", self.objects_prefix, id);
+        let mut headers = header::HeaderMap::new();
+        headers.insert(
+            header::ACCEPT,
+            header::HeaderValue::from_static("application/json"),
+        );
+        trace_context::inject(&tracing::Span::current(), &mut headers);
         let mut response = self
             .client
             .get(url)
-            .header(header::ACCEPT, "application/json")
+            .headers(headers)
             .send()
             .await
             .map_err(|err| self.transport_failure(&err))?;
