@@ -81,8 +81,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     println!("demo: {reason}; stopping both services");
-    let client_status = stop(&mut client).await?;
-    let service_status = stop(&mut service).await?;
+    let client_status = crate::bench::terminate(&mut client).await?;
+    let service_status = crate::bench::terminate(&mut service).await?;
     println!(
         "demo: client-service exited with {client_status}, callback-service with {service_status}"
     );
@@ -187,21 +187,4 @@ async fn print_store_summary(previous: &mut BTreeSet<i64>) {
         ids.len()
     );
     *previous = ids;
-}
-
-async fn stop(child: &mut Child) -> anyhow::Result<std::process::ExitStatus> {
-    if let Some(pid) = child.id() {
-        // Ctrl-C in a terminal already reached the children; SIGTERM covers --duration-s.
-        let _ = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .await;
-    }
-    match tokio::time::timeout(Duration::from_secs(20), child.wait()).await {
-        Ok(status) => Ok(status?),
-        Err(_) => {
-            child.kill().await?;
-            bail!("a child did not stop within 20 s and was killed")
-        }
-    }
 }

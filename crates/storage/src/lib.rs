@@ -101,6 +101,7 @@ macro_rules! delegate_ports {
 }
 pub(crate) use delegate_ports;
 
+mod errors;
 mod inbox;
 pub mod metrics;
 mod postgres;

@@ -12,6 +12,8 @@ mod ingress;
 mod postgres;
 mod procs;
 
+pub use procs::terminate;
+
 use std::path::PathBuf;
 use std::time::Duration;
 

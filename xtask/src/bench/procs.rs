@@ -121,26 +121,30 @@ impl Proc {
         Some(Duration::from_millis((utime + stime) * 10))
     }
 
-    /// Sends SIGTERM and waits for the exit, killing after 20 s.
+    /// Sends SIGTERM and waits for a successful exit, killing after 20 s.
     pub async fn stop(mut self) -> anyhow::Result<()> {
-        if let Some(pid) = self.child.id() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status()
-                .await;
+        let status = terminate(&mut self.child).await?;
+        if !status.success() {
+            bail!("exited with {status}");
         }
-        match tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await {
-            Ok(status) => {
-                let status = status?;
-                if !status.success() {
-                    bail!("exited with {status}");
-                }
-                Ok(())
-            }
-            Err(_) => {
-                self.child.kill().await?;
-                bail!("did not stop within 20 s and was killed")
-            }
+        Ok(())
+    }
+}
+
+/// Sends SIGTERM to `child` and waits for it to exit; kills it after 20 s.
+pub async fn terminate(child: &mut Child) -> anyhow::Result<std::process::ExitStatus> {
+    if let Some(pid) = child.id() {
+        // In a terminal, Ctrl-C already reached the children; SIGTERM covers the rest.
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await;
+    }
+    match tokio::time::timeout(Duration::from_secs(20), child.wait()).await {
+        Ok(status) => Ok(status?),
+        Err(_) => {
+            child.kill().await?;
+            bail!("a child did not stop within 20 s and was killed")
         }
     }
 }

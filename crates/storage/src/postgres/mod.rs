@@ -19,7 +19,9 @@ use diesel::prelude::*;
 use diesel::result::{ConnectionError, DatabaseErrorKind};
 use diesel::sql_types::Integer;
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
-use diesel_async::pooled_connection::deadpool::{Object, Pool, PoolError};
+use diesel_async::pooled_connection::deadpool::{Object, Pool};
+
+use crate::errors::pool_error;
 use diesel_async::pooled_connection::{
     AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
 };
@@ -731,43 +733,11 @@ fn url_error(err: &tokio_postgres::Error) -> &'static str {
     }
 }
 
-/// Maps a failure to get a pooled connection: the database is unavailable.
-fn pool_error(err: PoolError) -> StoreError {
-    use deadpool::managed::{PoolError as E, TimeoutType};
-    use diesel_async::pooled_connection::PoolError as Backend;
-
-    match err {
-        E::Timeout(TimeoutType::Wait) => {
-            StoreError::Unavailable("timed out waiting for a free database connection".into())
-        }
-        E::Timeout(TimeoutType::Create | TimeoutType::Recycle) => {
-            StoreError::Unavailable("timed out connecting to the database".into())
-        }
-        E::Backend(Backend::ConnectionError(err)) => {
-            StoreError::Unavailable(format!("cannot connect: {err}"))
-        }
-        E::Backend(Backend::QueryError(err)) => {
-            StoreError::Unavailable(format!("connection check failed: {err}"))
-        }
-        E::Closed => StoreError::Unavailable("the connection pool is closed".into()),
-        E::PostCreateHook(err) => {
-            StoreError::Unavailable(format!("connection setup failed: {err}"))
-        }
-        E::NoRuntimeSpecified => {
-            StoreError::Query("the connection pool has no runtime for its timeouts".into())
-        }
-    }
-}
-
 /// Maps a diesel error: a lost or refused connection, a server going down, a statement
 /// cancelled by its timeout and transient conflicts mean the database is unavailable (try
 /// again later); anything else is a query error.
 fn query_error(err: diesel::result::Error) -> StoreError {
-    if is_unavailable(&err) {
-        StoreError::Unavailable(err.to_string())
-    } else {
-        StoreError::Query(err.to_string())
-    }
+    crate::errors::classify(err, is_unavailable)
 }
 
 fn is_unavailable(err: &diesel::result::Error) -> bool {

@@ -16,7 +16,9 @@ use diesel::result::{ConnectionError, DatabaseErrorKind};
 use diesel::sql_types::Integer;
 use diesel::sqlite::{Sqlite, SqliteConnection};
 use diesel_async::RunQueryDsl;
-use diesel_async::pooled_connection::deadpool::{Object, Pool, PoolError};
+use diesel_async::pooled_connection::deadpool::{Object, Pool};
+
+use crate::errors::pool_error;
 use diesel_async::pooled_connection::{
     AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
 };
@@ -527,39 +529,10 @@ fn prepare(path: &Path) -> Result<Vec<String>, OpenError> {
     Ok(applied.iter().map(ToString::to_string).collect())
 }
 
-/// Maps a failure to get a pooled connection: the database is unavailable.
-fn pool_error(err: PoolError) -> StoreError {
-    use deadpool::managed::PoolError as E;
-    use diesel_async::pooled_connection::PoolError as Backend;
-
-    match err {
-        E::Timeout(_) => {
-            StoreError::Unavailable("timed out waiting for a database connection".into())
-        }
-        E::Backend(Backend::ConnectionError(err)) => {
-            StoreError::Unavailable(format!("cannot connect: {err}"))
-        }
-        E::Backend(Backend::QueryError(err)) => {
-            StoreError::Unavailable(format!("connection check failed: {err}"))
-        }
-        E::Closed => StoreError::Unavailable("the connection pool is closed".into()),
-        E::PostCreateHook(err) => {
-            StoreError::Unavailable(format!("connection setup failed: {err}"))
-        }
-        E::NoRuntimeSpecified => {
-            StoreError::Query("the connection pool has no runtime for its timeouts".into())
-        }
-    }
-}
-
 /// Maps a diesel error: lock contention, I/O trouble and lost connections mean the
 /// database is unavailable (try again later); anything else is a query error.
 fn query_error(err: diesel::result::Error) -> StoreError {
-    if is_unavailable(&err) {
-        StoreError::Unavailable(err.to_string())
-    } else {
-        StoreError::Query(err.to_string())
-    }
+    crate::errors::classify(err, is_unavailable)
 }
 
 fn is_unavailable(err: &diesel::result::Error) -> bool {
