@@ -152,11 +152,22 @@ fn text<'v>(span: &'v Value, pointer: &str) -> &'v str {
     span.pointer(pointer).and_then(Value::as_str).unwrap_or("")
 }
 
-fn fetch_spans(spans: &[Value]) -> Vec<&Value> {
+fn named<'s>(spans: &'s [Value], name: &str) -> Vec<&'s Value> {
     spans
         .iter()
-        .filter(|s| text(s, "/name") == "upstream.fetch")
+        .filter(|s| text(s, "/name").eq_ignore_ascii_case(name))
         .collect()
+}
+
+fn fetch_spans(spans: &[Value]) -> Vec<&Value> {
+    named(spans, "upstream.fetch")
+}
+
+/// The pipeline's span around the fetch of `id`.
+fn pipeline_fetch_span<'s>(spans: &'s [Value], id: &str) -> Option<&'s Value> {
+    named(spans, "fetch")
+        .into_iter()
+        .find(|s| text(s, "/tags/object_id") == id)
 }
 
 fn callback_span(spans: &[Value]) -> Option<&Value> {
@@ -231,7 +242,12 @@ async fn one_callback_exports_its_request_and_fetch_spans_and_the_upstream_gets_
     assert!(service.process.wait(WAIT).await?.success());
 
     let spans = collector
-        .until(|spans| callback_span(spans).is_some() && fetch_spans(spans).len() >= 2)
+        .until(|spans| {
+            callback_span(spans).is_some()
+                && fetch_spans(spans).len() >= 2
+                && named(spans, "fetch").len() >= 2
+                && !named(spans, "store.batch").is_empty()
+        })
         .await?;
     for span in spans {
         assert_eq!(
@@ -244,6 +260,27 @@ async fn one_callback_exports_its_request_and_fetch_spans_and_the_upstream_gets_
     assert_eq!(text(callback, "/kind"), "SERVER", "{callback:#}");
     assert_eq!(text(callback, "/tags/route"), "/callback", "{callback:#}");
     assert_eq!(text(callback, "/tags/status"), "202", "{callback:#}");
+    let callback_trace = text(callback, "/traceId");
+
+    // One trace: the request, then per id the pipeline's fetch span (carried through the
+    // inbox) with the upstream request under it, and the store batch.
+    let batch = named(spans, "store.batch")[0];
+    assert_eq!(text(batch, "/traceId"), callback_trace, "{batch:#}");
+    for id in ["3", "4"] {
+        let fetch = pipeline_fetch_span(spans, id)
+            .with_context(|| format!("no pipeline fetch span for {id}"))?;
+        assert_eq!(text(fetch, "/traceId"), callback_trace, "{fetch:#}");
+        assert_eq!(text(fetch, "/tags/outcome"), "online", "{fetch:#}");
+        let upstream = fetch_spans(spans)
+            .into_iter()
+            .find(|s| text(s, "/tags/object_id") == id)
+            .with_context(|| format!("no upstream.fetch span for {id}"))?;
+        assert_eq!(
+            text(upstream, "/parentId"),
+            text(fetch, "/id"),
+            "{upstream:#}"
+        );
+    }
 
     for (id, traceparent) in &traceparents {
         let (trace, parent, flags) = parse_traceparent(traceparent)
@@ -333,4 +370,86 @@ fn traceparent_parsing_rejects_malformed_values() {
     ] {
         assert!(parse_traceparent(bad).is_none(), "{bad}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_left_by_a_killed_instance_joins_the_callbacks_trace_after_the_restart()
+-> anyhow::Result<()> {
+    let mut collector = Collector::start().await?;
+    // Down (503) until told otherwise: the first instance keeps retrying the fetch.
+    let answering = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let up = Arc::clone(&answering);
+    let upstream = serve(move |req| {
+        if !up.load(std::sync::atomic::Ordering::SeqCst) {
+            return (503, String::new());
+        }
+        let id: i64 = req
+            .path
+            .strip_prefix("/objects/")
+            .and_then(|raw| raw.parse().ok())
+            .unwrap_or(-1);
+        (200, json!({ "id": id, "online": true }).to_string())
+    })
+    .await?;
+    let mut first = Service::start(
+        Backend::Sqlite,
+        &format!("http://{upstream}"),
+        Duration::from_secs(600),
+        &[
+            ("CALLBACK_TELEMETRY__ZIPKIN_ENDPOINT", &collector.endpoint),
+            ("CALLBACK_UPSTREAM__RETRY_DEADLINE_MS", "120000"),
+            ("CALLBACK_PIPELINE__LEASE_MS", "180000"),
+        ],
+    )
+    .await?
+    .context("sqlite is always available")?;
+    let response = http()
+        .post(first.url("/callback"))
+        .json(&json!({ "object_ids": [6] }))
+        .send()
+        .await?;
+    assert_eq!(response.status(), 202);
+    // The request's spans leave with the next export; then the instance dies mid-fetch.
+    let callback_trace = text(
+        callback_span(
+            collector
+                .until(|spans| callback_span(spans).is_some())
+                .await?,
+        )
+        .expect("waited for"),
+        "/traceId",
+    )
+    .to_owned();
+    first.kill().await?;
+    let before_restart: Vec<String> = collector
+        .spans
+        .iter()
+        .filter(|s| text(s, "/traceId") == callback_trace)
+        .map(|s| text(s, "/id").to_owned())
+        .collect();
+
+    answering.store(true, std::sync::atomic::Ordering::SeqCst);
+    let restarted = first.another().await?;
+    let spans = collector
+        .until(|spans| {
+            pipeline_fetch_span(spans, "6").is_some_and(|s| text(s, "/tags/outcome") == "online")
+        })
+        .await?;
+    let fetch = named(spans, "fetch")
+        .into_iter()
+        .find(|s| text(s, "/tags/object_id") == "6" && text(s, "/tags/outcome") == "online")
+        .expect("waited for");
+    assert_eq!(
+        text(fetch, "/traceId"),
+        callback_trace,
+        "the restarted instance's fetch joins the callback's trace: {fetch:#}"
+    );
+    assert!(
+        before_restart
+            .iter()
+            .any(|id| id == text(fetch, "/parentId")),
+        "its parent is a span of the request, exported before the kill: {fetch:#} not under {before_restart:?}"
+    );
+    drop(restarted);
+    Ok(())
 }

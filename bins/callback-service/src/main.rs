@@ -129,6 +129,7 @@ async fn run(config: Config, metrics: telemetry::metrics::MetricsHandle) -> anyh
         database,
         Arc::clone(&clock),
         expiry.clone(),
+        Arc::new(telemetry::propagation::Propagation),
         PipelineConfig {
             ttl: ms(config.expiry.ttl_ms),
             max_in_flight: config.upstream.max_in_flight,

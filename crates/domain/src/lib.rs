@@ -21,6 +21,7 @@ pub use id::{DistinctIds, InvalidObjectId, ObjectId};
 pub use pipeline::{Pipeline, PipelineConfig, PipelineHandle, PipelineStats, SubmitError};
 pub use ports::{
     Backlog, BoxFuture, Claim, Clock, Completion, Database, FailureRecord, FetchError, Inbox,
-    ObjectSource, ObjectStatus, ObjectStore, Outcome, StoreError, StoredObject,
+    NoTracePropagation, ObjectSource, ObjectStatus, ObjectStore, Outcome, Requested, StoreError,
+    StoredObject, TraceParent, TracePropagation,
 };
 pub use time::{SystemClock, Timestamp};

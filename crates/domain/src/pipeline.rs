@@ -20,13 +20,14 @@ use std::time::Duration;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::expiry::ExpiryWaker;
 use crate::id::{DistinctIds, ObjectId};
 use crate::metrics::{self, PipelineMetrics};
 use crate::ports::{
     Backlog, Claim, Clock, Completion, Database, FailureRecord, FetchError, ObjectSource, Outcome,
-    StoreError, StoredObject,
+    Requested, StoreError, StoredObject, TraceParent, TracePropagation,
 };
 use crate::time::Timestamp;
 
@@ -143,6 +144,7 @@ struct Shared {
     config: PipelineConfig,
     clock: Arc<dyn Clock>,
     db: Arc<dyn Database>,
+    propagation: Arc<dyn TracePropagation>,
     counters: Counters,
     metrics: PipelineMetrics,
     /// Wakes the dispatcher: new work committed, or capacity freed.
@@ -175,6 +177,8 @@ impl std::fmt::Debug for Shared {
 
 struct Request {
     ids: DistinctIds,
+    /// The trace context of the callback, kept with its ids in the inbox.
+    trace: Option<TraceParent>,
     reply: oneshot::Sender<Result<(), SubmitError>>,
 }
 
@@ -211,8 +215,9 @@ impl PipelineHandle {
             return Err(SubmitError::Overloaded { pending, limit });
         }
         let (reply, answer) = oneshot::channel();
+        let trace = shared.propagation.current();
         self.requests
-            .send(Request { ids, reply })
+            .send(Request { ids, trace, reply })
             .await
             .map_err(|_| SubmitError::ShuttingDown)?;
         answer.await.unwrap_or(Err(SubmitError::ShuttingDown))
@@ -271,11 +276,15 @@ pub struct Pipeline {
 impl Pipeline {
     /// Starts the pipeline on the current tokio runtime; it at once picks up work left in
     /// the inbox by an earlier run.
+    ///
+    /// `propagation` carries each callback's trace context through the inbox to the spans
+    /// of its fetches and store writes.
     pub fn start(
         source: Arc<dyn ObjectSource>,
         db: Arc<dyn Database>,
         clock: Arc<dyn Clock>,
         expiry: ExpiryWaker,
+        propagation: Arc<dyn TracePropagation>,
         config: PipelineConfig,
     ) -> Self {
         let max_in_flight = config.max_in_flight.max(1);
@@ -285,6 +294,7 @@ impl Pipeline {
             config,
             clock,
             db,
+            propagation,
             counters: Counters {
                 oldest: AtomicI64::new(i64::MIN),
                 ..Counters::default()
@@ -385,8 +395,8 @@ impl Pipeline {
 /// The group-commit writer: one inbox transaction for every callback waiting at once.
 async fn ingest(shared: Arc<Shared>, mut requests: mpsc::Receiver<Request>, max_group: usize) {
     let mut batch = Vec::with_capacity(max_group);
-    let mut ids: Vec<ObjectId> = Vec::new();
-    let mut seen = HashSet::new();
+    let mut ids: Vec<Requested> = Vec::new();
+    let mut seen: HashSet<ObjectId> = HashSet::new();
     loop {
         batch.clear();
         if requests.recv_many(&mut batch, max_group).await == 0 {
@@ -395,9 +405,19 @@ async fn ingest(shared: Arc<Shared>, mut requests: mpsc::Receiver<Request>, max_
         ids.clear();
         seen.clear();
         for request in &batch {
-            ids.extend(request.ids.as_slice().iter().filter(|id| seen.insert(**id)));
+            ids.extend(
+                request
+                    .ids
+                    .as_slice()
+                    .iter()
+                    .filter(|id| seen.insert(**id))
+                    .map(|&id| Requested {
+                        id,
+                        trace: request.trace.clone(),
+                    }),
+            );
         }
-        ids.sort_unstable();
+        ids.sort_unstable_by_key(|requested| requested.id);
         let outcome = shared.db.enqueue(&ids, shared.clock.now()).await;
         match &outcome {
             Ok(()) => {
@@ -506,10 +526,15 @@ async fn fetch(
     add(&shared.counters.fetches_started, 1);
     let m = &shared.metrics;
     let id = claim.id;
+    // A child of the callback that asked, wherever and whenever that was accepted.
+    let span = tracing::info_span!("fetch", object_id = %id, outcome = tracing::field::Empty);
+    if let Some(parent) = &claim.trace {
+        shared.propagation.set_parent(&span, parent);
+    }
     let started = tokio::time::Instant::now();
     m.in_flight.increment(1);
     let answer = tokio::select! {
-        answer = source.fetch(id) => Some(answer),
+        answer = source.fetch(id).instrument(span.clone()) => Some(answer),
         () = abort.cancelled() => None,
     };
     m.in_flight.decrement(1);
@@ -530,6 +555,7 @@ async fn fetch(
     });
     let outcome = match answer {
         Ok(status) if status.online => {
+            span.record("outcome", "online");
             add(&shared.counters.online, 1);
             m.online.increment(1);
             Outcome::Online(StoredObject {
@@ -539,15 +565,19 @@ async fn fetch(
             })
         }
         Ok(_) => {
+            span.record("outcome", "offline");
             add(&shared.counters.offline, 1);
             m.offline.increment(1);
             Outcome::Offline
         }
         Err(err) => {
+            span.record("outcome", err.code());
             add(&shared.counters.failed, 1);
             m.failed.increment(1);
             ::metrics::counter!(metrics::FETCH_FAILURES, "code" => err.code()).increment(1);
-            tracing::warn!(object_id = %id, code = err.code(), error = %err, "fetch failed");
+            span.in_scope(|| {
+                tracing::warn!(object_id = %id, code = err.code(), error = %err, "fetch failed");
+            });
             Outcome::Failed(FailureRecord {
                 id,
                 code: err.code().to_owned(),
@@ -616,7 +646,28 @@ async fn complete(
 }
 
 /// Commits one batch of outcomes, retrying while the database is away; false when aborted.
+///
+/// The batch's span joins the trace of its first traced claim: a span has one parent, and
+/// a batch usually settles the ids of one callback or of callbacks accepted together.
 async fn settle(shared: &Shared, completions: &[Completion], abort: &CancellationToken) -> bool {
+    let online = completions
+        .iter()
+        .filter(|c| matches!(c.outcome, Outcome::Online(_)))
+        .count();
+    let span = tracing::info_span!("store.batch", size = completions.len(), online);
+    if let Some(parent) = completions.iter().find_map(|c| c.claim.trace.as_ref()) {
+        shared.propagation.set_parent(&span, parent);
+    }
+    settle_with_retries(shared, completions, abort)
+        .instrument(span)
+        .await
+}
+
+async fn settle_with_retries(
+    shared: &Shared,
+    completions: &[Completion],
+    abort: &CancellationToken,
+) -> bool {
     let mut pause = shared.config.retry_base;
     loop {
         let started = tokio::time::Instant::now();

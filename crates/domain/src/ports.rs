@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::id::ObjectId;
@@ -134,14 +135,87 @@ pub trait ObjectStore: Send + Sync + 'static {
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
 }
 
+/// The trace context of a request, as W3C `traceparent` text, kept with the work the request
+/// asked for so that the work joins the request's trace even when it is done later, by
+/// another instance or after a restart.
+///
+/// Opaque to the domain: a [`TracePropagation`] adapter writes and reads it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TraceParent(Arc<str>);
+
+impl TraceParent {
+    /// The longest text kept; a W3C `traceparent` of version 00 has 55 characters.
+    pub const MAX_LEN: usize = 256;
+
+    /// `text` as a trace context, if it is printable ASCII of at most [`Self::MAX_LEN`]
+    /// characters (what a header value or a database column can carry unchanged).
+    pub fn new(text: &str) -> Option<Self> {
+        let printable = text.bytes().all(|b| b.is_ascii_graphic());
+        (printable && !text.is_empty() && text.len() <= Self::MAX_LEN)
+            .then(|| Self(Arc::from(text)))
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for TraceParent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Carries trace context from a request to the work it causes: the tracing backend's
+/// adapter implements it; [`NoTracePropagation`] does nothing.
+pub trait TracePropagation: Send + Sync + 'static {
+    /// The context of the current span, to keep with the work it asks for; `None` when
+    /// traces are off or there is no span.
+    fn current(&self) -> Option<TraceParent>;
+
+    /// Makes `parent` the parent of `span`, which has not been entered yet.
+    fn set_parent(&self, span: &tracing::Span, parent: &TraceParent);
+}
+
+/// Propagates nothing: for tests and for running without trace export.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoTracePropagation;
+
+impl TracePropagation for NoTracePropagation {
+    fn current(&self) -> Option<TraceParent> {
+        None
+    }
+
+    fn set_parent(&self, _span: &tracing::Span, _parent: &TraceParent) {}
+}
+
+/// One id a callback asked for, as the [`Inbox`] records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requested {
+    /// The object to fetch.
+    pub id: ObjectId,
+    /// The trace context of the request, if traces are on.
+    pub trace: Option<TraceParent>,
+}
+
+impl Requested {
+    /// `id`, asked for outside any trace.
+    pub fn untraced(id: ObjectId) -> Self {
+        Self { id, trace: None }
+    }
+}
+
 /// One waiting id as a worker claimed it from the [`Inbox`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claim {
     /// The object to fetch.
     pub id: ObjectId,
     /// How many times the id was requested while waiting, when it was claimed; a fetch
     /// serves exactly the requests counted here.
     pub generation: i64,
+    /// The trace context of the newest request that carried one, for the fetch's span.
+    pub trace: Option<TraceParent>,
 }
 
 /// What became of one claimed id.
@@ -194,11 +268,12 @@ pub struct Backlog {
 /// lease ids for a while; a lease that runs out (its holder died) makes the id claimable
 /// again, so several instances can share one database.
 pub trait Inbox: Send + Sync + 'static {
-    /// Records in one transaction that each of `ids` (each named once) was requested at
-    /// `at`; returns once that is durable.
+    /// Records in one transaction that each of `requests` (each id named once) was
+    /// requested at `at`; returns once that is durable. A waiting id keeps the trace
+    /// context it has unless the new request carries one, which replaces it.
     fn enqueue<'a>(
         &'a self,
-        ids: &'a [ObjectId],
+        requests: &'a [Requested],
         at: Timestamp,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
 

@@ -26,9 +26,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use domain::ObjectId;
 use domain::Timestamp;
 use domain::ports::Database;
+use domain::{ObjectId, Requested};
 use storage::testing::TestDatabase;
 use storage::{PgStore, SqliteStore, StoreOptions};
 
@@ -56,9 +56,9 @@ impl Scenario {
     }
 }
 
-fn ids(start: i64, len: i64) -> Vec<ObjectId> {
+fn ids(start: i64, len: i64) -> Vec<Requested> {
     (start..start + len)
-        .map(|raw| ObjectId::new(raw).expect("non-negative"))
+        .map(|raw| Requested::untraced(ObjectId::new(raw).expect("non-negative")))
         .collect()
 }
 

@@ -1,7 +1,7 @@
 //! What both adapters share of the [`Inbox`](domain::ports::Inbox) port: the bound on the
 //! kept failures, and the checking and sorting of what callers hand in and get back.
 
-use domain::ports::{Claim, Completion, FailureRecord, Outcome};
+use domain::ports::{Claim, Completion, FailureRecord, Outcome, Requested, TraceParent};
 use domain::{ObjectId, StoreError, StoredObject};
 
 /// How many failures `fetch_failures` keeps: a write that adds failures deletes all but
@@ -11,16 +11,36 @@ pub const FAILURES_KEPT: u32 = 10_000;
 /// [`FAILURES_KEPT`] as the stores compare it with `seq`.
 pub(crate) const FAILURES_KEPT_SEQ: i64 = FAILURES_KEPT as i64;
 
-/// `ids` as the database stores them, ascending and each once.
+/// What one `enqueue` writes: the ids ascending and each once, and the trace context of
+/// each (all `None` while traces are off, so the adapters can skip the column).
 ///
 /// Ascending, so that concurrent enqueues lock shared rows in the same order and wait for
 /// each other instead of deadlocking; each once, because an id named twice in one
 /// statement would be an error on PostgreSQL and a double bump on SQLite.
-pub(crate) fn sorted_ids(ids: &[ObjectId]) -> Vec<i64> {
-    let mut raw: Vec<i64> = ids.iter().map(|id| id.get()).collect();
-    raw.sort_unstable();
-    raw.dedup();
-    raw
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Enqueue {
+    pub(crate) ids: Vec<i64>,
+    /// Parallel to `ids`; empty when no request carries a trace context.
+    pub(crate) traces: Vec<Option<String>>,
+}
+
+impl Enqueue {
+    pub(crate) fn new(requests: &[Requested]) -> Self {
+        let mut sorted: Vec<&Requested> = requests.iter().collect();
+        // Stable: of an id named twice, the first request is kept.
+        sorted.sort_by_key(|request| request.id);
+        sorted.dedup_by_key(|request| request.id);
+        let ids = sorted.iter().map(|request| request.id.get()).collect();
+        let traces = if sorted.iter().any(|request| request.trace.is_some()) {
+            sorted
+                .iter()
+                .map(|request| request.trace.as_ref().map(|t| t.as_str().to_owned()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Self { ids, traces }
+    }
 }
 
 /// What one `complete` call writes, split by table; claims and objects sorted by id.
@@ -100,17 +120,22 @@ pub(crate) fn split_settled(claims: &[(i64, i64)], current: &[(i64, i64)]) -> (V
     (settled, again)
 }
 
-/// Claimed rows `(id, generation, requested_at)` as [`Claim`]s, longest-waiting first
-/// (ties by id), whatever order the database returned them in.
+/// One claimed row: `(id, generation, requested_at, trace)`.
+pub(crate) type ClaimedRow<T> = (i64, i64, T, Option<String>);
+
+/// Claimed rows as [`Claim`]s, longest-waiting first (ties by id), whatever order the
+/// database returned them in. A stored trace context that is no longer valid is dropped:
+/// the fetch then starts a trace of its own.
 pub(crate) fn claims_in_order<T: Ord>(
-    mut rows: Vec<(i64, i64, T)>,
+    mut rows: Vec<ClaimedRow<T>>,
 ) -> Result<Vec<Claim>, StoreError> {
     rows.sort_unstable_by(|a, b| a.2.cmp(&b.2).then(a.0.cmp(&b.0)));
     rows.into_iter()
-        .map(|(id, generation, _)| {
+        .map(|(id, generation, _, trace)| {
             Ok(Claim {
                 id: stored_id(id)?,
                 generation,
+                trace: trace.as_deref().and_then(TraceParent::new),
             })
         })
         .collect()
@@ -140,13 +165,38 @@ mod tests {
         Claim {
             id: id(raw),
             generation,
+            trace: None,
         }
     }
 
+    fn requested(raw: &[i64]) -> Vec<Requested> {
+        raw.iter().map(|&r| Requested::untraced(id(r))).collect()
+    }
+
     #[test]
-    fn ids_are_sorted_and_named_once() {
-        assert_eq!(sorted_ids(&[id(5), id(1), id(5), id(0)]), [0, 1, 5]);
-        assert!(sorted_ids(&[]).is_empty());
+    fn ids_are_sorted_and_named_once_without_traces_when_none_is_given() {
+        let enqueue = Enqueue::new(&requested(&[5, 1, 5, 0]));
+        assert_eq!(enqueue.ids, [0, 1, 5]);
+        assert!(enqueue.traces.is_empty());
+        assert_eq!(Enqueue::new(&[]), Enqueue::default());
+    }
+
+    #[test]
+    fn traces_follow_their_ids_and_the_first_request_of_an_id_wins() {
+        let trace = |text: &str| TraceParent::new(text);
+        let enqueue = Enqueue::new(&[
+            Requested {
+                id: id(9),
+                trace: trace("t9"),
+            },
+            Requested::untraced(id(2)),
+            Requested {
+                id: id(9),
+                trace: trace("later"),
+            },
+        ]);
+        assert_eq!(enqueue.ids, [2, 9]);
+        assert_eq!(enqueue.traces, [None, Some("t9".to_owned())]);
     }
 
     #[test]
@@ -219,8 +269,17 @@ mod tests {
 
     #[test]
     fn claims_come_longest_waiting_first() {
-        let claims = claims_in_order(vec![(7, 1, 30), (5, 2, 10), (6, 1, 10)]).expect("valid");
-        assert_eq!(claims, [claim(5, 2), claim(6, 1), claim(7, 1)]);
-        assert!(claims_in_order(vec![(-1, 1, 0)]).is_err());
+        let claims = claims_in_order(vec![
+            (7, 1, 30, None),
+            (5, 2, 10, Some("00-trace".to_owned())),
+            (6, 1, 10, Some("not\nprintable".to_owned())),
+        ])
+        .expect("valid");
+        let traced = Claim {
+            trace: TraceParent::new("00-trace"),
+            ..claim(5, 2)
+        };
+        assert_eq!(claims, [traced, claim(6, 1), claim(7, 1)]);
+        assert!(claims_in_order(vec![(-1, 1, 0, None)]).is_err());
     }
 }

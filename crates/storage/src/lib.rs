@@ -58,10 +58,10 @@ macro_rules! delegate_ports {
         impl ::domain::Inbox for $store {
             fn enqueue<'a>(
                 &'a self,
-                ids: &'a [::domain::ObjectId],
+                requests: &'a [::domain::Requested],
                 at: ::domain::Timestamp,
             ) -> ::domain::BoxFuture<'a, Result<(), ::domain::StoreError>> {
-                Box::pin(self.enqueue_ids(ids, at))
+                Box::pin(self.enqueue_ids(requests, at))
             }
 
             fn claim<'a>(

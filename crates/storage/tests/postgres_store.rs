@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use domain::ports::Database;
-use domain::{ObjectId, StoreError, StoredObject, Timestamp};
+use domain::{ObjectId, Requested, StoreError, StoredObject, Timestamp};
 use storage::testing::TestDatabase;
 use storage::{OpenError, PgStore, StoreOptions};
 use tokio::time::{Instant, timeout};
@@ -143,6 +143,7 @@ async fn the_inbox_schema_is_what_operators_read() {
             ("requested_at", "timestamp with time zone", "NO"),
             ("lease_owner", "text", "YES"),
             ("lease_until", "timestamp with time zone", "YES"),
+            ("trace", "text", "YES"),
         ])
     );
     assert_eq!(
@@ -191,7 +192,8 @@ async fn a_claim_skips_ids_another_session_has_locked() {
     let ids: Vec<ObjectId> = (1..=3)
         .map(|i| ObjectId::new(i).expect("non-negative"))
         .collect();
-    store.enqueue(&ids, at(0)).await.expect("enqueue");
+    let requests: Vec<Requested> = ids.iter().map(|&id| Requested::untraced(id)).collect();
+    store.enqueue(&requests, at(0)).await.expect("enqueue");
 
     // Another instance is claiming id 2 right now and has not committed yet.
     let mut client = direct(&db.url).await;
@@ -285,7 +287,7 @@ async fn instances_opening_a_fresh_database_together_all_succeed() {
         .await
         .expect("migrations table")
         .get(0);
-    assert_eq!(applied, 2, "each of the two migrations was recorded once");
+    assert_eq!(applied, 3, "each of the three migrations was recorded once");
 }
 
 #[tokio::test(flavor = "multi_thread")]

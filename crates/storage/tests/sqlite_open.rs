@@ -5,7 +5,7 @@ use std::path::Path;
 
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
-use domain::{ObjectId, StoredObject, Timestamp};
+use domain::{ObjectId, Requested, StoredObject, Timestamp};
 use storage::{OpenError, StoreOptions};
 
 // `storage::open` returns an `Arc<dyn Database>`, which has no `Debug`: refusals are read
@@ -99,7 +99,10 @@ async fn opening_twice_applies_the_migrations_once() {
     let applied: Count = diesel::sql_query("SELECT count(*) AS n FROM __diesel_schema_migrations")
         .get_result(&mut conn)
         .expect("migrations table");
-    assert_eq!(applied.n, 2, "both migrations were recorded once");
+    assert_eq!(
+        applied.n, 3,
+        "each of the three migrations was recorded once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -190,7 +193,8 @@ async fn the_inbox_schema_is_what_operators_read() {
             "generation",
             "requested_at",
             "lease_owner",
-            "lease_until"
+            "lease_until",
+            "trace"
         ]
     );
     assert_eq!(
@@ -198,7 +202,7 @@ async fn the_inbox_schema_is_what_operators_read() {
             &mut conn,
             "SELECT name FROM pragma_table_info('inbox') WHERE \"notnull\" = 0 ORDER BY cid"
         ),
-        ["lease_owner", "lease_until"]
+        ["lease_owner", "lease_until", "trace"]
     );
     assert_eq!(
         names(
@@ -241,7 +245,8 @@ async fn the_inbox_survives_a_restart_and_its_leases_can_be_freed() {
         let store = storage::open(&url(&path), &StoreOptions::default())
             .await
             .expect("open");
-        store.enqueue(&ids, at(0)).await.expect("enqueue");
+        let requests: Vec<Requested> = ids.iter().map(|&id| Requested::untraced(id)).collect();
+        store.enqueue(&requests, at(0)).await.expect("enqueue");
         let claims = store
             .claim("first-run", at(1), at(60_000_000), 4)
             .await

@@ -24,6 +24,14 @@ impl Rig {
     }
 
     fn on(store: Arc<MemoryStore>, config: PipelineConfig) -> Self {
+        Self::traced(store, Arc::new(crate::ports::NoTracePropagation), config)
+    }
+
+    fn traced(
+        store: Arc<MemoryStore>,
+        propagation: Arc<dyn TracePropagation>,
+        config: PipelineConfig,
+    ) -> Self {
         let source = Arc::new(FakeSource::new(LATENCY));
         let clock = Arc::new(PausedClock::new());
         let pipeline = Pipeline::start(
@@ -31,6 +39,7 @@ impl Rig {
             store.clone(),
             clock.clone(),
             ExpiryWaker::new(),
+            propagation,
             config,
         );
         Self {
@@ -60,6 +69,84 @@ fn ids(raw: &[i64]) -> DistinctIds {
 
 fn id(raw: i64) -> ObjectId {
     ObjectId::new(raw).unwrap()
+}
+
+fn untraced(raw: &[i64]) -> Vec<Requested> {
+    raw.iter().map(|&v| Requested::untraced(id(v))).collect()
+}
+
+/// A propagation that hands out one context for every callback and records which
+/// contexts spans were given as parents.
+#[derive(Default)]
+struct RecordingPropagation {
+    current: std::sync::Mutex<Option<TraceParent>>,
+    parents: std::sync::Mutex<Vec<String>>,
+}
+
+impl RecordingPropagation {
+    fn set_current(&self, text: &str) {
+        *self.current.lock().unwrap() = TraceParent::new(text);
+    }
+
+    fn parents(&self) -> Vec<String> {
+        let mut parents = self.parents.lock().unwrap().clone();
+        parents.sort();
+        parents
+    }
+}
+
+impl TracePropagation for RecordingPropagation {
+    fn current(&self) -> Option<TraceParent> {
+        self.current.lock().unwrap().clone()
+    }
+
+    fn set_parent(&self, _span: &tracing::Span, parent: &TraceParent) {
+        self.parents
+            .lock()
+            .unwrap()
+            .push(parent.as_str().to_owned());
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_fetch_and_the_store_batch_join_the_trace_of_the_callback() {
+    let propagation = Arc::new(RecordingPropagation::default());
+    let rig = Rig::traced(
+        Arc::new(MemoryStore::new()),
+        propagation.clone(),
+        PipelineConfig::default(),
+    );
+    propagation.set_current("trace-of-callback-1");
+    rig.submit(&[2, 3]).await.unwrap();
+    propagation.set_current("trace-of-callback-2");
+    sleep(LATENCY * 2).await;
+
+    assert!(rig.stored(2).await.is_some());
+    assert_eq!(
+        propagation.parents(),
+        ["trace-of-callback-1"; 3],
+        "two fetch spans and one store batch span, all in the callback's trace"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn work_left_by_an_earlier_run_joins_the_trace_of_the_callback_that_asked() {
+    let store = Arc::new(MemoryStore::new());
+    let clock = PausedClock::new();
+    let asked = Requested {
+        id: id(4),
+        trace: TraceParent::new("trace-of-a-callback-before-the-crash"),
+    };
+    store.enqueue(&[asked], clock.now()).await.unwrap();
+    let propagation = Arc::new(RecordingPropagation::default());
+    let rig = Rig::traced(store, propagation.clone(), PipelineConfig::default());
+    sleep(LATENCY * 2).await;
+
+    assert!(rig.stored(4).await.is_some());
+    assert_eq!(
+        propagation.parents(),
+        ["trace-of-a-callback-before-the-crash"; 2]
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -267,6 +354,7 @@ async fn an_answer_about_another_id_is_a_failure() {
         store.clone(),
         Arc::new(PausedClock::new()),
         ExpiryWaker::new(),
+        Arc::new(crate::ports::NoTracePropagation),
         PipelineConfig::default(),
     );
     pipeline.handle().submit(ids(&[2])).await.unwrap();
@@ -334,7 +422,7 @@ async fn work_left_in_the_inbox_by_an_earlier_run_is_done_at_start() {
     let store = Arc::new(MemoryStore::new());
     let clock = PausedClock::new();
     store
-        .enqueue(&[id(10), id(11), id(12)], clock.now())
+        .enqueue(&untraced(&[10, 11, 12]), clock.now())
         .await
         .unwrap();
     let rig = Rig::on(store, PipelineConfig::default());
@@ -350,7 +438,10 @@ async fn a_dead_instances_claims_are_taken_over_when_their_lease_runs_out() {
     let store = Arc::new(MemoryStore::new());
     let clock = PausedClock::new();
     let lease = Duration::from_secs(5);
-    store.enqueue(&[id(20), id(22)], clock.now()).await.unwrap();
+    store
+        .enqueue(&untraced(&[20, 22]), clock.now())
+        .await
+        .unwrap();
     // Another instance claimed both and died without finishing.
     let claimed = store
         .claim("dead", clock.now(), clock.now().saturating_add(lease), 10)

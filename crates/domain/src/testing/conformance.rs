@@ -26,7 +26,8 @@ use std::time::Duration;
 
 use crate::id::ObjectId;
 use crate::ports::{
-    Backlog, Claim, Completion, Database, FailureRecord, ObjectStore, Outcome, StoredObject,
+    Backlog, Claim, Completion, Database, FailureRecord, ObjectStore, Outcome, Requested,
+    StoredObject, TraceParent,
 };
 use crate::time::Timestamp;
 
@@ -223,6 +224,7 @@ macro_rules! inbox_conformance {
             inbox_concurrent_claimers_never_share_an_id,
             inbox_failures_are_pruned_to_the_newest_ten_thousand,
             inbox_every_request_is_served_by_a_later_fetch,
+            inbox_keeps_the_trace_context_of_the_newest_traced_request,
         }
     };
     ($fixture:expr $(,)?) => {
@@ -661,8 +663,11 @@ const LEASE: Duration = Duration::from_secs(600);
 const FAILURES_KEPT: usize = 10_000;
 
 async fn enqueue(db: &dyn Database, raw_ids: &[i64], at: Timestamp) {
-    let ids: Vec<ObjectId> = raw_ids.iter().map(|&raw| id(raw)).collect();
-    db.enqueue(&ids, at).await.expect("enqueue failed");
+    let requests: Vec<Requested> = raw_ids
+        .iter()
+        .map(|&raw| Requested::untraced(id(raw)))
+        .collect();
+    db.enqueue(&requests, at).await.expect("enqueue failed");
 }
 
 /// Claims up to `limit` ids for `owner` at `now`, leased for [`LEASE`].
@@ -708,6 +713,7 @@ fn claimed(raw_id: i64, generation: i64) -> Claim {
     Claim {
         id: id(raw_id),
         generation,
+        trace: None,
     }
 }
 
@@ -1087,9 +1093,15 @@ pub async fn inbox_empty_input_is_a_no_op(db: Arc<dyn Database>) {
 pub async fn inbox_smallest_and_largest_ids(db: Arc<dyn Database>) {
     let db = &*db;
     let store: &dyn ObjectStore = db;
-    db.enqueue(&[ObjectId::MAX, id(0)], at(0))
-        .await
-        .expect("enqueue failed");
+    db.enqueue(
+        &[
+            Requested::untraced(ObjectId::MAX),
+            Requested::untraced(id(0)),
+        ],
+        at(0),
+    )
+    .await
+    .expect("enqueue failed");
     let claims = claim(db, OWNER_A, at(1), 10).await;
     assert_eq!(by_id(&claims), [(0, 1), (i64::MAX, 1)]);
 
@@ -1104,6 +1116,7 @@ pub async fn inbox_smallest_and_largest_ids(db: Arc<dyn Database>) {
             claim: Claim {
                 id: ObjectId::MAX,
                 generation: 1,
+                trace: None,
             },
             outcome: Outcome::Online(max),
         },
@@ -1181,7 +1194,8 @@ pub async fn inbox_concurrent_enqueues_leave_one_row_per_id(db: Arc<dyn Database
         .map(|w| {
             let db = Arc::clone(&db);
             tokio::spawn(async move {
-                let mut mine: Vec<ObjectId> = (0..IDS).map(id).collect();
+                let mut mine: Vec<Requested> =
+                    (0..IDS).map(|raw| Requested::untraced(id(raw))).collect();
                 mine.rotate_left(usize::try_from(w * 137).expect("small"));
                 if w % 2 == 1 {
                     mine.reverse();
@@ -1441,4 +1455,57 @@ mod fixture_tests {
         assert!(DatabaseFixture::skipped(&None::<(Arc<dyn Database>, ())>));
         assert!(!DatabaseFixture::skipped(&Arc::new(MemoryStore::new())));
     }
+}
+
+/// A W3C `traceparent` whose span id ends in `n`.
+fn traceparent(n: u8) -> TraceParent {
+    TraceParent::new(&format!(
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902{n:02x}-01"
+    ))
+    .expect("printable")
+}
+
+/// Claims as `(id, trace)`, ascending by id.
+fn traces_by_id(claims: &[Claim]) -> Vec<(i64, Option<String>)> {
+    let mut pairs: Vec<_> = claims
+        .iter()
+        .map(|c| (c.id.get(), c.trace.as_ref().map(|t| t.as_str().to_owned())))
+        .collect();
+    pairs.sort_unstable();
+    pairs
+}
+
+/// The trace context of a request travels with its id to the claim, so the fetch joins the
+/// request's trace; a later request that carries one replaces it, one that carries none
+/// keeps it. The longest allowed context is kept whole.
+pub async fn inbox_keeps_the_trace_context_of_the_newest_traced_request(db: Arc<dyn Database>) {
+    let db = &*db;
+    let (a, b) = (traceparent(1), traceparent(2));
+    let long = TraceParent::new(&"x".repeat(TraceParent::MAX_LEN)).expect("printable");
+    let traced = |raw: i64, trace: &TraceParent| Requested {
+        id: id(raw),
+        trace: Some(trace.clone()),
+    };
+    db.enqueue(
+        &[traced(1, &a), Requested::untraced(id(2)), traced(3, &long)],
+        at(0),
+    )
+    .await
+    .expect("enqueue failed");
+    let text = |t: &TraceParent| Some(t.as_str().to_owned());
+    assert_eq!(
+        traces_by_id(&claim(db, OWNER_A, at(1), 10).await),
+        [(1, text(&a)), (2, None), (3, text(&long))]
+    );
+
+    // Requested again during the fetch: 1 without a context, 2 with one.
+    db.enqueue(&[Requested::untraced(id(1)), traced(2, &b)], at(2))
+        .await
+        .expect("enqueue failed");
+    complete(db, OWNER_A, &[offline(1, 1), offline(2, 1), offline(3, 1)]).await;
+    assert_eq!(
+        traces_by_id(&claim(db, OWNER_A, at(3), 10).await),
+        [(1, text(&a)), (2, text(&b))],
+        "the fetches of the new requests join the newest traced request"
+    );
 }

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use crate::id::ObjectId;
 use crate::ports::{
     Backlog, BoxFuture, Claim, Clock, Completion, FailureRecord, FetchError, Inbox, ObjectSource,
-    ObjectStatus, ObjectStore, Outcome, StoreError, StoredObject,
+    ObjectStatus, ObjectStore, Outcome, Requested, StoreError, StoredObject, TraceParent,
 };
 use crate::time::Timestamp;
 
@@ -54,6 +54,7 @@ struct InboxRow {
     generation: i64,
     requested_at: Timestamp,
     lease: Option<(String, Timestamp)>,
+    trace: Option<TraceParent>,
 }
 
 /// An [`ObjectStore`] and [`Inbox`] in memory, with switches to simulate outages and panics.
@@ -242,23 +243,29 @@ const FAILURES_KEPT: usize = 10_000;
 impl Inbox for MemoryStore {
     fn enqueue<'a>(
         &'a self,
-        ids: &'a [ObjectId],
+        requests: &'a [Requested],
         at: Timestamp,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             self.check()?;
             let mut inbox = self.inbox.lock().unwrap();
-            for &id in ids {
+            for request in requests {
                 inbox
-                    .entry(id)
-                    .and_modify(|row| row.generation += 1)
+                    .entry(request.id)
+                    .and_modify(|row| {
+                        row.generation += 1;
+                        if request.trace.is_some() {
+                            row.trace.clone_from(&request.trace);
+                        }
+                    })
                     .or_insert(InboxRow {
                         generation: 1,
                         requested_at: at,
                         lease: None,
+                        trace: request.trace.clone(),
                     });
             }
-            self.enqueues.lock().unwrap().push(ids.len());
+            self.enqueues.lock().unwrap().push(requests.len());
             Ok(())
         })
     }
@@ -286,6 +293,7 @@ impl Inbox for MemoryStore {
                 claims.push(Claim {
                     id,
                     generation: row.generation,
+                    trace: row.trace.clone(),
                 });
             }
             Ok(claims)

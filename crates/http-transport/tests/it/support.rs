@@ -137,6 +137,7 @@ impl TestServer {
             memory.clone(),
             clock.clone(),
             ExpiryWaker::new(),
+            Arc::new(domain::NoTracePropagation),
             options.pipeline,
         );
         let app = Application::new(pipeline.handle(), store, clock);

@@ -5,12 +5,12 @@ use diesel::pg::Pg;
 use diesel::pg::data_types::PgTimestamp;
 use diesel::prelude::*;
 use diesel::query_builder::{AstPass, QueryFragment, QueryId};
-use diesel::sql_types::{Array, BigInt, Timestamptz};
+use diesel::sql_types::{Array, BigInt, Nullable, Text, Timestamptz};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 
 use super::schema::{fetch_failures, inbox};
 use super::upsert::UpsertBatch;
-use crate::inbox::{FAILURES_KEPT_SEQ, split_settled};
+use crate::inbox::{Enqueue, FAILURES_KEPT_SEQ, split_settled};
 
 /// How many failures one `INSERT` carries: four bind parameters each keeps a statement at
 /// 40 000, under PostgreSQL's limit of 65 535.
@@ -46,11 +46,6 @@ impl EnqueueBatch {
         debug_assert!(ids.windows(2).all(|pair| pair[0] < pair[1]));
         Self { requested_at, ids }
     }
-
-    /// How many ids the statement carries.
-    pub(super) fn len(&self) -> usize {
-        self.ids.len()
-    }
 }
 
 impl QueryFragment<Pg> for EnqueueBatch {
@@ -60,6 +55,53 @@ impl QueryFragment<Pg> for EnqueueBatch {
         out.push_sql(ENQUEUE_SQL[1]);
         out.push_bind_param::<Array<BigInt>, _>(&self.ids)?;
         out.push_sql(ENQUEUE_SQL[2]);
+        Ok(())
+    }
+}
+
+/// The SQL around the three parameters of [`EnqueueTracedBatch`]: as [`ENQUEUE_SQL`], with a
+/// parallel array of trace contexts; a waiting id takes the new context unless it is NULL.
+const ENQUEUE_TRACED_SQL: [&str; 4] = [
+    "INSERT INTO inbox (object_id, requested_at, trace) \
+     SELECT id, ",
+    "::timestamptz, trace FROM unnest(",
+    "::bigint[], ",
+    "::text[]) AS batch (id, trace) ORDER BY id \
+     ON CONFLICT (object_id) DO UPDATE SET generation = inbox.generation + 1, \
+     trace = COALESCE(EXCLUDED.trace, inbox.trace)",
+];
+
+/// [`EnqueueBatch`] with each id's trace context: used only when traces are on, so the
+/// usual statement stays as small as it was. A type of its own, because diesel-async
+/// caches prepared statements by query type.
+#[derive(Debug, QueryId)]
+pub(super) struct EnqueueTracedBatch {
+    requested_at: PgTimestamp,
+    ids: Vec<i64>,
+    traces: Vec<Option<String>>,
+}
+
+impl EnqueueTracedBatch {
+    /// Enqueues the ids of `enqueue`, with their traces, as requested at `requested_at`.
+    pub(super) fn new(enqueue: Enqueue, requested_at: PgTimestamp) -> Self {
+        debug_assert_eq!(enqueue.ids.len(), enqueue.traces.len());
+        Self {
+            requested_at,
+            ids: enqueue.ids,
+            traces: enqueue.traces,
+        }
+    }
+}
+
+impl QueryFragment<Pg> for EnqueueTracedBatch {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql(ENQUEUE_TRACED_SQL[0]);
+        out.push_bind_param::<Timestamptz, _>(&self.requested_at)?;
+        out.push_sql(ENQUEUE_TRACED_SQL[1]);
+        out.push_bind_param::<Array<BigInt>, _>(&self.ids)?;
+        out.push_sql(ENQUEUE_TRACED_SQL[2]);
+        out.push_bind_param::<Array<Nullable<Text>>, _>(&self.traces)?;
+        out.push_sql(ENQUEUE_TRACED_SQL[3]);
         Ok(())
     }
 }
@@ -193,6 +235,24 @@ mod tests {
             ),
             "{sql}"
         );
-        assert_eq!(batch.len(), 3);
+    }
+
+    #[test]
+    fn the_traced_enqueue_binds_a_parallel_array_and_keeps_a_known_trace() {
+        let enqueue = Enqueue {
+            ids: vec![1, 2],
+            traces: vec![Some("t".to_owned()), None],
+        };
+        let batch = EnqueueTracedBatch::new(enqueue, PgTimestamp(5));
+        let sql = diesel::debug_query::<Pg, _>(&batch).to_string();
+        assert!(
+            sql.starts_with(
+                "INSERT INTO inbox (object_id, requested_at, trace) SELECT id, $1::timestamptz, \
+                 trace FROM unnest($2::bigint[], $3::text[]) AS batch (id, trace) ORDER BY id \
+                 ON CONFLICT (object_id) DO UPDATE SET generation = inbox.generation + 1, \
+                 trace = COALESCE(EXCLUDED.trace, inbox.trace)"
+            ),
+            "{sql}"
+        );
     }
 }

@@ -27,15 +27,15 @@ use diesel_async::pooled_connection::{
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
-use domain::ports::{Backlog, Claim, Completion, FailureRecord};
+use domain::ports::{Backlog, Claim, Completion, FailureRecord, Requested};
 use domain::{ObjectId, StoreError, StoredObject, Timestamp};
 use tokio_postgres::config::Host;
 use tracing::Instrument;
 
-use self::inbox::EnqueueBatch;
+use self::inbox::{EnqueueBatch, EnqueueTracedBatch};
 use self::schema::{fetch_failures, inbox as inbox_rows, objects};
 use self::upsert::UpsertBatch;
-use crate::inbox::{Settlement, claims_in_order, sorted_ids, sql_limit, stored_id};
+use crate::inbox::{ClaimedRow, Enqueue, Settlement, claims_in_order, sql_limit, stored_id};
 use crate::{OpenError, StoreOptions};
 
 /// The migrations of the PostgreSQL backend, compiled into the binary.
@@ -417,18 +417,25 @@ impl PgStore {
         }
     }
 
-    #[tracing::instrument(level = "debug", name = "postgres.enqueue", skip_all, fields(ids = ids.len()))]
-    async fn enqueue_ids(&self, ids: &[ObjectId], at: Timestamp) -> Result<(), StoreError> {
-        if ids.is_empty() {
+    #[tracing::instrument(level = "debug", name = "postgres.enqueue", skip_all, fields(ids = requests.len()))]
+    async fn enqueue_ids(&self, requests: &[Requested], at: Timestamp) -> Result<(), StoreError> {
+        if requests.is_empty() {
             return Ok(());
         }
-        let statement = EnqueueBatch::new(sorted_ids(ids), to_pg(at)?);
-        let expected = statement.len();
+        let enqueue = Enqueue::new(requests);
+        let at = to_pg(at)?;
+        let expected = enqueue.ids.len();
         // One statement is one transaction; it returns once the commit is flushed
         // (`synchronous_commit = on`).
-        let written = self
-            .run(move |mut conn| async move { statement.execute(&mut conn).await })
-            .await?;
+        let written = if enqueue.traces.is_empty() {
+            let statement = EnqueueBatch::new(enqueue.ids, at);
+            self.run(move |mut conn| async move { statement.execute(&mut conn).await })
+                .await?
+        } else {
+            let statement = EnqueueTracedBatch::new(enqueue, at);
+            self.run(move |mut conn| async move { statement.execute(&mut conn).await })
+                .await?
+        };
         if written == expected {
             Ok(())
         } else {
@@ -482,15 +489,16 @@ impl PgStore {
                         inbox_rows::object_id,
                         inbox_rows::generation,
                         inbox_rows::requested_at,
+                        inbox_rows::trace,
                     ))
-                    .get_results::<(i64, i64, PgTimestamp)>(&mut conn)
+                    .get_results::<ClaimedRow<PgTimestamp>>(&mut conn)
                     .await
             })
             .await?;
         tracing::Span::current().record("claimed", rows.len());
         claims_in_order(
             rows.into_iter()
-                .map(|(id, generation, at)| (id, generation, at.0))
+                .map(|(id, generation, at, trace)| (id, generation, at.0, trace))
                 .collect(),
         )
     }

@@ -25,6 +25,8 @@ diesel::table! {
         lease_owner -> Nullable<Text>,
         /// Until when the lease holds.
         lease_until -> Nullable<Timestamptz>,
+        /// The trace context of the newest request that carried one (W3C `traceparent`).
+        trace -> Nullable<Text>,
     }
 }
 

@@ -330,6 +330,7 @@ fn the_server_is_described_without_credentials() {
 
 fn claim(raw: i64, generation: i64) -> Claim {
     Claim {
+        trace: None,
         id: ObjectId::new(raw).expect("non-negative"),
         generation,
     }
@@ -348,8 +349,8 @@ async fn an_enqueue_is_one_statement_and_a_completion_one_transaction() {
     let statements = record_statements(&mut conn);
     drop(conn);
     let t = |micros: i64| Timestamp::from_unix_micros(1_700_000_000_000_000 + micros);
-    let ids: Vec<ObjectId> = (0..5_000)
-        .map(|i| ObjectId::new(i).expect("non-negative"))
+    let ids: Vec<Requested> = (0..5_000)
+        .map(|i| Requested::untraced(ObjectId::new(i).expect("non-negative")))
         .collect();
 
     store.enqueue_ids(&ids, t(0)).await.expect("enqueue");
@@ -361,7 +362,7 @@ async fn an_enqueue_is_one_statement_and_a_completion_one_transaction() {
     // Id 2 is requested again while leased, so its completion frees it instead.
     store.enqueue_ids(&ids[2..3], t(2)).await.expect("enqueue");
     let failure = FailureRecord {
-        id: ids[1],
+        id: ids[1].id,
         code: "timeout".into(),
         reason: "slow".into(),
         at: t(3),
@@ -435,8 +436,8 @@ async fn a_failing_completion_changes_nothing() {
         return;
     };
     let t = |micros: i64| Timestamp::from_unix_micros(1_700_000_000_000_000 + micros);
-    let ids: Vec<ObjectId> = (0..3)
-        .map(|i| ObjectId::new(i).expect("non-negative"))
+    let ids: Vec<Requested> = (0..3)
+        .map(|i| Requested::untraced(ObjectId::new(i).expect("non-negative")))
         .collect();
     store.enqueue_ids(&ids, t(0)).await.expect("enqueue");
     assert_eq!(
@@ -473,7 +474,7 @@ async fn a_failing_completion_changes_nothing() {
                 Completion {
                     claim: claim(1, 1),
                     outcome: Outcome::Failed(FailureRecord {
-                        id: ids[1],
+                        id: ids[1].id,
                         code: "timeout".into(),
                         reason: "slow".into(),
                         at: t(2),

@@ -3,34 +3,70 @@
 
 use diesel::dsl::max;
 use diesel::prelude::*;
+use diesel::sql_types::{Nullable, Text};
 use diesel::sqlite::SqliteConnection;
+use diesel::upsert::excluded;
 use domain::ports::FailureRecord;
 
 use super::schema::{fetch_failures, inbox};
 use super::write::{self, Row};
-use crate::inbox::{FAILURES_KEPT_SEQ, split_settled};
+use crate::inbox::{Enqueue, FAILURES_KEPT_SEQ, split_settled};
 
-/// How many ids one statement carries: at most two bind variables each keeps a statement
-/// at 20 000 variables, under SQLite's limit of 32 766.
+/// How many ids one statement carries: at most three bind variables each keeps a statement
+/// at 30 000 variables, under SQLite's limit of 32 766.
 pub(super) const MAX_IDS_PER_STATEMENT: usize = 10_000;
+
+diesel::define_sql_function! {
+    /// SQL's `coalesce(a, b)`: `a` unless it is NULL, then `b`.
+    #[sql_name = "coalesce"]
+    fn first_known(a: Nullable<Text>, b: Nullable<Text>) -> Nullable<Text>;
+}
 
 /// How many failures one `INSERT` carries: four bind variables each.
 const MAX_FAILURES_PER_STATEMENT: usize = 5_000;
 
-/// Records in one immediate transaction that each of `ids` (ascending, each once) was
-/// requested at `at`: new ids wait from `at` on, waiting ids get their generation bumped.
-pub(super) fn enqueue(conn: &mut SqliteConnection, ids: &[i64], at: i64) -> QueryResult<()> {
+/// Records in one immediate transaction that each id of `enqueue` was requested at `at`:
+/// new ids wait from `at` on, waiting ids get their generation bumped and take the new
+/// trace context if there is one. Without trace contexts the column is not written.
+pub(super) fn enqueue(conn: &mut SqliteConnection, enqueue: &Enqueue, at: i64) -> QueryResult<()> {
     conn.immediate_transaction(|conn| {
-        for chunk in ids.chunks(MAX_IDS_PER_STATEMENT) {
-            let values: Vec<_> = chunk
+        if enqueue.traces.is_empty() {
+            for chunk in enqueue.ids.chunks(MAX_IDS_PER_STATEMENT) {
+                let values: Vec<_> = chunk
+                    .iter()
+                    .map(|&id| (inbox::object_id.eq(id), inbox::requested_at.eq(at)))
+                    .collect();
+                diesel::insert_into(inbox::table)
+                    .values(values)
+                    .on_conflict(inbox::object_id)
+                    .do_update()
+                    .set(inbox::generation.eq(inbox::generation + 1))
+                    .execute(conn)?;
+            }
+            return Ok(());
+        }
+        let ids = enqueue.ids.chunks(MAX_IDS_PER_STATEMENT);
+        let traces = enqueue.traces.chunks(MAX_IDS_PER_STATEMENT);
+        for (ids, traces) in ids.zip(traces) {
+            let values: Vec<_> = ids
                 .iter()
-                .map(|&id| (inbox::object_id.eq(id), inbox::requested_at.eq(at)))
+                .zip(traces)
+                .map(|(&id, trace)| {
+                    (
+                        inbox::object_id.eq(id),
+                        inbox::requested_at.eq(at),
+                        inbox::trace.eq(trace.as_deref()),
+                    )
+                })
                 .collect();
             diesel::insert_into(inbox::table)
                 .values(values)
                 .on_conflict(inbox::object_id)
                 .do_update()
-                .set(inbox::generation.eq(inbox::generation + 1))
+                .set((
+                    inbox::generation.eq(inbox::generation + 1),
+                    inbox::trace.eq(first_known(excluded(inbox::trace), inbox::trace)),
+                ))
                 .execute(conn)?;
         }
         Ok(())

@@ -24,12 +24,12 @@ use diesel_async::pooled_connection::{
 };
 use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
-use domain::ports::{Backlog, Claim, Completion, FailureRecord};
+use domain::ports::{Backlog, Claim, Completion, FailureRecord, Requested};
 use domain::{ObjectId, StoreError, StoredObject, Timestamp};
 use tracing::Instrument;
 
 use self::schema::{fetch_failures, inbox as inbox_rows, objects};
-use crate::inbox::{Settlement, claims_in_order, sorted_ids, sql_limit, stored_id};
+use crate::inbox::{ClaimedRow, Enqueue, Settlement, claims_in_order, sql_limit, stored_id};
 use crate::{OpenError, StoreOptions};
 
 /// The migrations of the SQLite backend, compiled into the binary.
@@ -297,15 +297,15 @@ impl SqliteStore {
         }
     }
 
-    #[tracing::instrument(level = "debug", name = "sqlite.enqueue", skip_all, fields(ids = ids.len()))]
-    async fn enqueue_ids(&self, ids: &[ObjectId], at: Timestamp) -> Result<(), StoreError> {
-        if ids.is_empty() {
+    #[tracing::instrument(level = "debug", name = "sqlite.enqueue", skip_all, fields(ids = requests.len()))]
+    async fn enqueue_ids(&self, requests: &[Requested], at: Timestamp) -> Result<(), StoreError> {
+        if requests.is_empty() {
             return Ok(());
         }
-        let ids = sorted_ids(ids);
+        let enqueue = Enqueue::new(requests);
         let at = at.as_unix_micros();
         self.run(Access::Write, move |mut conn| async move {
-            conn.spawn_blocking(move |conn| inbox::enqueue(conn, &ids, at))
+            conn.spawn_blocking(move |conn| inbox::enqueue(conn, &enqueue, at))
                 .await
         })
         .await
@@ -351,8 +351,9 @@ impl SqliteStore {
                         inbox_rows::object_id,
                         inbox_rows::generation,
                         inbox_rows::requested_at,
+                        inbox_rows::trace,
                     ))
-                    .get_results::<(i64, i64, i64)>(&mut conn)
+                    .get_results::<ClaimedRow<i64>>(&mut conn)
                     .await
             })
             .await?;

@@ -26,6 +26,8 @@ diesel::table! {
         lease_owner -> Nullable<Text>,
         /// Until when the lease holds.
         lease_until -> Nullable<BigInt>,
+        /// The trace context of the newest request that carried one (W3C `traceparent`).
+        trace -> Nullable<Text>,
     }
 }
 

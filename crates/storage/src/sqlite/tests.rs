@@ -321,14 +321,15 @@ async fn futures_poll_once<F: Future + Unpin>(mut fut: F) -> Option<F::Output> {
 
 fn claim(raw: i64, generation: i64) -> Claim {
     Claim {
+        trace: None,
         id: ObjectId::new(raw).expect("non-negative"),
         generation,
     }
 }
 
-fn ids(range: std::ops::Range<i64>) -> Vec<ObjectId> {
+fn ids(range: std::ops::Range<i64>) -> Vec<Requested> {
     range
-        .map(|i| ObjectId::new(i).expect("non-negative"))
+        .map(|i| Requested::untraced(ObjectId::new(i).expect("non-negative")))
         .collect()
 }
 
@@ -352,7 +353,11 @@ async fn an_enqueue_larger_than_one_statement_is_one_transaction() {
                 seen.lock().expect("not poisoned").push(verb);
             }
         });
-        let result = inbox::enqueue(conn, &raw, 5);
+        let enqueue = Enqueue {
+            ids: raw,
+            traces: Vec::new(),
+        };
+        let result = inbox::enqueue(conn, &enqueue, 5);
         conn.set_instrumentation(None::<Box<dyn Instrumentation>>);
         result
     })
