@@ -218,11 +218,13 @@ pub enum OpenError {
 /// `url` is `sqlite://<path>` (relative, as in `sqlite://data/callback-service.db`, or
 /// absolute, as in `sqlite:///var/lib/callback-service/db`); the file and its parent
 /// directory are created when missing. `postgres://…` and `postgresql://…` urls open
-/// a [`PgStore`] on that database, which must exist. No error repeats the url's password.
+/// a [`PgStore`] on that database, which must exist; a PostgreSQL server that is not
+/// reachable yet is waited for in the background ([`PgStore::open_eventually`]). No error
+/// repeats the url's password.
 pub async fn open(url: &str, options: &StoreOptions) -> Result<Arc<dyn Database>, OpenError> {
     match DatabaseUrl::parse(url)? {
         DatabaseUrl::Sqlite(path) => Ok(Arc::new(SqliteStore::open(path, options).await?)),
-        DatabaseUrl::Postgres => Ok(Arc::new(PgStore::open(url, options).await?)),
+        DatabaseUrl::Postgres => Ok(Arc::new(PgStore::open_eventually(url, options).await?)),
     }
 }
 

@@ -559,7 +559,7 @@ async fn ping_is_unavailable_while_the_database_is_gone_and_recovers() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_closed_port_fails_to_open_without_the_password() {
     let started = Instant::now();
-    let err = storage::open(
+    let err = PgStore::open(
         "postgres://postgres:hunter2@127.0.0.1:1/app",
         &StoreOptions::default(),
     )
@@ -600,6 +600,91 @@ async fn a_server_that_never_answers_times_out_at_the_connect_timeout() {
     assert!(elapsed >= Duration::from_millis(300), "{elapsed:?}");
     assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
     drop(silent);
+}
+
+/// A TCP forwarder on 127.0.0.1 to the test server that, while down, closes every
+/// connection at once: a PostgreSQL server that is not there yet.
+struct Forwarder {
+    addr: std::net::SocketAddr,
+    up: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Forwarder {
+    async fn start(target: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let is_up = Arc::clone(&up);
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !is_up.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: the client sees the connection closed
+                }
+                let target = target.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        Self { addr, up, task }
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_away_at_start_is_waited_for_and_the_store_recovers_by_itself() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let server: tokio_postgres::Config = db.url.parse().expect("test url");
+    let port = server.get_ports().first().copied().unwrap_or(5432);
+    let host = match server.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+        _ => "127.0.0.1".to_owned(),
+    };
+    let forwarder = Forwarder::start(format!("{host}:{port}")).await;
+    let user = server.get_user().unwrap_or("postgres");
+    let url = format!("postgres://{user}:hunter2@{}/{}", forwarder.addr, db.name);
+
+    let started = Instant::now();
+    let store = storage::open(&url, &StoreOptions::default())
+        .await
+        .expect("a server that is away is waited for, not an error");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let err = store.ping().await.expect_err("not reachable yet");
+    let StoreError::Unavailable(message) = &err else {
+        panic!("{err:?}");
+    };
+    assert!(message.contains("not ready"), "{message}");
+    assert!(message.contains(&forwarder.addr.to_string()), "{message}");
+    assert!(!message.contains("hunter2"), "{message}");
+    assert!(matches!(
+        store.upsert_seen(&[object(1, T0, T0 + 1)]).await,
+        Err(StoreError::Unavailable(_))
+    ));
+
+    forwarder
+        .up
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while store.ping().await.is_err() {
+        assert!(Instant::now() < deadline, "the store did not recover");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    store
+        .upsert_seen(&[object(1, T0, T0 + 1)])
+        .await
+        .expect("migrated and writable once the server is there");
 }
 
 fn error_chain(err: &dyn std::error::Error) -> String {

@@ -10,7 +10,8 @@ mod upsert;
 
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use diesel::pg::Pg;
@@ -128,25 +129,161 @@ fn describe_server(config: &tokio_postgres::Config) -> String {
 /// connection, pooled or not, bounded by the connect timeout as a whole (tokio-postgres's
 /// own timeout covers only the TCP connect, not the handshake).
 async fn connect(settings: &Settings) -> ConnectionResult<AsyncPgConnection> {
+    establish(settings).await.map_err(|failure| failure.error)
+}
+
+/// Why a connection could not be made, and whether trying again later may succeed.
+struct ConnectFailure {
+    error: ConnectionError,
+    /// The server was not reachable or not ready (refused, reset, timed out, starting up,
+    /// shutting down, out of connection slots), as opposed to refusing us (password,
+    /// missing database, bad settings), which waiting does not fix.
+    transient: bool,
+}
+
+/// [`connect`], telling a server that is away from one that refuses us.
+async fn establish(settings: &Settings) -> Result<AsyncPgConnection, ConnectFailure> {
     let attempt = async {
         let (client, connection) = settings
             .config
             .connect(tokio_postgres::NoTls)
             .await
-            .map_err(|err| ConnectionError::BadConnection(describe_driver_error(&err)))?;
-        let mut conn =
-            AsyncPgConnection::try_from_client_and_connection(client, connection).await?;
+            .map_err(|err| ConnectFailure {
+                transient: is_transient(&err),
+                error: ConnectionError::BadConnection(describe_driver_error(&err)),
+            })?;
+        let permanent = |error| ConnectFailure {
+            error,
+            transient: false,
+        };
+        let mut conn = AsyncPgConnection::try_from_client_and_connection(client, connection)
+            .await
+            .map_err(permanent)?;
         conn.batch_execute(&settings.session)
             .await
-            .map_err(ConnectionError::CouldntSetupConfiguration)?;
+            .map_err(|err| permanent(ConnectionError::CouldntSetupConfiguration(err)))?;
         Ok(conn)
     };
     match tokio::time::timeout(settings.connect_timeout, attempt).await {
         Ok(result) => result,
-        Err(_) => Err(ConnectionError::BadConnection(format!(
-            "no connection within {:?}",
-            settings.connect_timeout
-        ))),
+        Err(_) => Err(ConnectFailure {
+            error: ConnectionError::BadConnection(format!(
+                "no connection within {:?}",
+                settings.connect_timeout
+            )),
+            transient: true,
+        }),
+    }
+}
+
+/// Whether a failed connect may succeed later: no answer from the server at all (an I/O
+/// error), or the server saying it cannot take us *now*: starting up or shutting down
+/// (class 57P), out of connection slots (53300).
+fn is_transient(err: &tokio_postgres::Error) -> bool {
+    match err.as_db_error() {
+        None => true,
+        Some(db) => {
+            let code = db.code().code();
+            code.starts_with("57P") || code == "53300"
+        }
+    }
+}
+
+/// Whether the schema is in place; until it is, every call answers `Unavailable` with the
+/// reason, so the service runs (health 503, callbacks 503) while PostgreSQL is away at
+/// start, and recovers by itself.
+#[derive(Debug, Default)]
+struct Readiness {
+    ready: AtomicBool,
+    /// Why the database is not ready yet; empty once it is.
+    waiting_for: Mutex<String>,
+}
+
+impl Readiness {
+    fn check(&self) -> Result<(), StoreError> {
+        if AtomicBool::load(&self.ready, Ordering::Acquire) {
+            return Ok(());
+        }
+        let reason = self
+            .waiting_for
+            .lock()
+            .map(|reason| reason.clone())
+            .unwrap_or_default();
+        Err(StoreError::Unavailable(format!(
+            "database not ready (schema not migrated yet): {reason}"
+        )))
+    }
+
+    fn waiting_for(&self, reason: String) {
+        if let Ok(mut waiting_for) = self.waiting_for.lock() {
+            *waiting_for = reason;
+        }
+    }
+
+    fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+        self.waiting_for(String::new());
+    }
+}
+
+/// Connects and migrates, keeping only a transient failure's description.
+async fn connect_and_migrate(settings: &Settings) -> Result<Vec<String>, (OpenError, bool)> {
+    let conn = establish(settings).await.map_err(|failure| {
+        let error = OpenError::PostgresConnect {
+            server: settings.server.clone(),
+            source: failure.error,
+        };
+        (error, failure.transient)
+    })?;
+    migrate(conn).await.map_err(|err| (err, false))
+}
+
+/// The chain of `err`'s messages, `: `-separated.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut chain = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        chain.push_str(": ");
+        chain.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    chain
+}
+
+/// The first pause between two attempts to reach a database that was away at start; it
+/// doubles up to [`MAX_RECONNECT_PAUSE`].
+const FIRST_RECONNECT_PAUSE: Duration = Duration::from_millis(250);
+const MAX_RECONNECT_PAUSE: Duration = Duration::from_secs(5);
+
+/// Tries to connect and migrate until it works, with a capped exponential backoff, one log
+/// line per attempt; gives up when the store is gone.
+async fn migrate_when_reachable(settings: Arc<Settings>, readiness: Weak<Readiness>) {
+    let mut pause = FIRST_RECONNECT_PAUSE;
+    loop {
+        tokio::time::sleep(pause).await;
+        let Some(readiness) = readiness.upgrade() else {
+            return; // the store was dropped
+        };
+        match connect_and_migrate(&settings).await {
+            Ok(applied) => {
+                readiness.set_ready();
+                tracing::info!(server = %settings.server, migrations_applied = ?applied,
+                    "postgresql reachable again; the store is ready");
+                return;
+            }
+            Err((err, transient)) => {
+                let cause = error_chain(&err);
+                pause = (pause * 2).min(MAX_RECONNECT_PAUSE);
+                if transient {
+                    tracing::warn!(server = %settings.server, error = %cause, retry_in = ?pause,
+                        "postgresql still not reachable; callbacks get 503 until it is");
+                } else {
+                    tracing::error!(server = %settings.server, error = %cause, retry_in = ?pause,
+                        "postgresql refuses the connection or the migration failed; retrying");
+                }
+                readiness.waiting_for(cause);
+            }
+        }
     }
 }
 
@@ -178,6 +315,7 @@ pub struct PgStore {
     pool: Pool<AsyncPgConnection>,
     server: String,
     gauges: Arc<crate::metrics::PoolGauges>,
+    readiness: Arc<Readiness>,
 }
 
 impl fmt::Debug for PgStore {
@@ -195,6 +333,20 @@ impl PgStore {
     ///
     /// Errors name the server (hosts, ports, database) but never the user's password.
     pub async fn open(url: &str, options: &StoreOptions) -> Result<Self, OpenError> {
+        Self::open_with(url, options, false).await
+    }
+
+    /// [`PgStore::open`], except that a server that cannot be reached *now* (refused,
+    /// timed out, starting up) is not an error: the store is returned at once, answers
+    /// `Unavailable` naming the cause, and connects and migrates in the background with a
+    /// capped backoff, so a service started before its database runs, reports itself
+    /// unhealthy, and recovers by itself. A server that refuses us (password, missing
+    /// database) still fails here: waiting would not fix it.
+    pub async fn open_eventually(url: &str, options: &StoreOptions) -> Result<Self, OpenError> {
+        Self::open_with(url, options, true).await
+    }
+
+    async fn open_with(url: &str, options: &StoreOptions, wait: bool) -> Result<Self, OpenError> {
         if options.max_connections == 0 {
             return Err(OpenError::InvalidOptions(
                 "max_connections must be at least 1",
@@ -205,13 +357,25 @@ impl PgStore {
             .map_err(|err| OpenError::InvalidPostgresUrl(url_error(&err)))?;
         let settings = Arc::new(Settings::new(config, options));
         let server = settings.server.clone();
-        let connect_error = |source| OpenError::PostgresConnect {
-            server: server.clone(),
-            source,
+        let readiness = Arc::new(Readiness::default());
+        let applied = match connect_and_migrate(&settings).await {
+            Ok(applied) => {
+                readiness.set_ready();
+                Some(applied)
+            }
+            Err((err, true)) if wait => {
+                let cause = error_chain(&err);
+                tracing::warn!(server = %server, error = %cause,
+                    "postgresql not reachable at start; retrying in the background, callbacks get 503 until it is");
+                readiness.waiting_for(cause);
+                tokio::spawn(migrate_when_reachable(
+                    Arc::clone(&settings),
+                    Arc::downgrade(&readiness),
+                ));
+                None
+            }
+            Err((err, _)) => return Err(err),
         };
-
-        let conn = connect(&settings).await.map_err(connect_error)?;
-        let applied = migrate(conn).await?;
 
         let mut config = ManagerConfig::<AsyncPgConnection>::default();
         // `SELECT 1` on every checkout: a connection the server closed or lost is found
@@ -238,12 +402,16 @@ impl PgStore {
             pool,
             server,
             gauges: Arc::new(crate::metrics::PoolGauges::register()),
+            readiness,
         };
-        store.ping_database().await.map_err(OpenError::Check)?;
+        if applied.is_some() {
+            store.ping_database().await.map_err(OpenError::Check)?;
+        }
         tracing::info!(
             server = %store.server,
             max_connections = options.max_connections,
             migrations_applied = ?applied,
+            ready = applied.is_some(),
             "postgresql store opened"
         );
         Ok(store)
@@ -259,6 +427,7 @@ impl PgStore {
         F: FnOnce(Object<AsyncPgConnection>) -> Fut + Send + 'static,
         Fut: Future<Output = QueryResult<T>> + Send + 'static,
     {
+        self.readiness.check()?;
         let pool = self.pool.clone();
         let gauges = Arc::clone(&self.gauges);
         let task = tokio::spawn(
