@@ -7,6 +7,7 @@
 pub mod app;
 pub mod expiry;
 pub mod id;
+pub mod log_budget;
 pub mod metrics;
 pub mod pipeline;
 pub mod ports;

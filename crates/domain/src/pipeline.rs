@@ -24,6 +24,7 @@ use tracing::Instrument as _;
 
 use crate::expiry::ExpiryWaker;
 use crate::id::{DistinctIds, ObjectId};
+use crate::log_budget::LogBudget;
 use crate::metrics::{self, PipelineMetrics};
 use crate::ports::{
     Backlog, Claim, Clock, Completion, Database, FailureRecord, FetchError, ObjectSource, Outcome,
@@ -73,6 +74,10 @@ impl Default for PipelineConfig {
 }
 
 const MAX_RETRY_PAUSE: Duration = Duration::from_secs(5);
+
+/// How many "fetch failed" lines are logged per second at most; every failure is still
+/// counted and recorded in the failures table.
+const FAILURE_LINES_PER_SECOND: u32 = 10;
 
 /// Counters of what the pipeline did since start, and the inbox backlog.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -145,6 +150,8 @@ struct Shared {
     clock: Arc<dyn Clock>,
     db: Arc<dyn Database>,
     propagation: Arc<dyn TracePropagation>,
+    /// Bounds the "fetch failed" lines when many ids fail at once (upstream down).
+    failure_log: LogBudget,
     counters: Counters,
     metrics: PipelineMetrics,
     /// Wakes the dispatcher: new work committed, or capacity freed.
@@ -295,6 +302,7 @@ impl Pipeline {
             clock,
             db,
             propagation,
+            failure_log: LogBudget::new(FAILURE_LINES_PER_SECOND),
             counters: Counters {
                 oldest: AtomicI64::new(i64::MIN),
                 ..Counters::default()
@@ -575,9 +583,12 @@ async fn fetch(
             add(&shared.counters.failed, 1);
             m.failed.increment(1);
             ::metrics::counter!(metrics::FETCH_FAILURES, "code" => err.code()).increment(1);
-            span.in_scope(|| {
-                tracing::warn!(object_id = %id, code = err.code(), error = %err, "fetch failed");
-            });
+            if let Some(suppressed) = shared.failure_log.admit(now) {
+                span.in_scope(|| {
+                    tracing::warn!(object_id = %id, code = err.code(), error = %err,
+                        suppressed_since_last = suppressed, "fetch failed");
+                });
+            }
             Outcome::Failed(FailureRecord {
                 id,
                 code: err.code().to_owned(),
