@@ -114,3 +114,119 @@ fn adapters_do_not_depend_on_each_other() {
         assert_free_of(adapter, &["telemetry", "opentelemetry-zipkin"]);
     }
 }
+
+/// Licences a dependency may be under (SPDX ids): permissive ones only.
+const ALLOWED_LICENCES: &[&str] = &[
+    "MIT",
+    "Apache-2.0",
+    "Apache-2.0 WITH LLVM-exception",
+    "BSD-2-Clause",
+    "BSD-3-Clause",
+    "ISC",
+    "Zlib",
+    "Unicode-3.0",
+    "Unlicense",
+    "0BSD",
+    "BSL-1.0",
+    "CC0-1.0",
+];
+
+/// Dependencies allowed under another licence, each for a stated reason.
+const LICENCE_EXCEPTIONS: &[(&str, &str)] = &[
+    // The flamegraph renderer behind `GET /debug/pprof/profile?format=flamegraph` (through
+    // `pprof`). CDDL-1.0 is file-level copyleft: it binds changes to inferno's own files,
+    // which we use unmodified from crates.io.
+    ("inferno", "CDDL-1.0"),
+];
+
+/// Whether an SPDX expression is satisfied by the allowed licences: `OR` needs one side,
+/// `AND` both; the legacy `/` separator means `OR`. Parentheses group.
+fn licence_allowed(expression: &str) -> bool {
+    fn any_of(expression: &str) -> bool {
+        split_top(expression, " OR ")
+            .iter()
+            .any(|term| all_of(term))
+    }
+    fn all_of(term: &str) -> bool {
+        split_top(term, " AND ").iter().all(|factor| {
+            let factor = factor.trim();
+            match factor.strip_prefix('(').and_then(|f| f.strip_suffix(')')) {
+                Some(inner) => any_of(inner),
+                None => ALLOWED_LICENCES.contains(&factor),
+            }
+        })
+    }
+    /// `text` split on `separator` outside parentheses.
+    fn split_top<'t>(text: &'t str, separator: &str) -> Vec<&'t str> {
+        let mut parts = Vec::new();
+        let (mut depth, mut start, mut at) = (0_i32, 0, 0);
+        while at < text.len() {
+            match text.as_bytes()[at] {
+                b'(' => depth += 1,
+                b')' => depth -= 1,
+                _ if depth == 0 && text[at..].starts_with(separator) => {
+                    parts.push(&text[start..at]);
+                    at += separator.len();
+                    start = at;
+                    continue;
+                }
+                _ => {}
+            }
+            at += 1;
+        }
+        parts.push(&text[start..]);
+        parts
+    }
+    any_of(&expression.replace('/', " OR ").replace("  ", " "))
+}
+
+#[test]
+fn licence_expressions_are_read_as_spdx_says() {
+    assert!(licence_allowed("MIT"));
+    assert!(licence_allowed("MIT OR Apache-2.0"));
+    assert!(licence_allowed("MIT/Apache-2.0"));
+    assert!(licence_allowed("(MIT OR Apache-2.0) AND Unicode-3.0"));
+    assert!(licence_allowed("MIT OR Apache-2.0 OR LGPL-2.1-or-later"));
+    assert!(!licence_allowed("GPL-3.0"));
+    assert!(!licence_allowed("MIT AND GPL-3.0"));
+    assert!(!licence_allowed("(MIT OR Apache-2.0) AND GPL-3.0"));
+    assert!(!licence_allowed(""));
+}
+
+/// Every crate the workspace can build (any target, any feature) carries a permissive
+/// licence, or is a named exception: the licence half of what `cargo deny` checks, run
+/// offline on every `cargo test`. (Advisories need the RustSec database from the network,
+/// which this project's machines do not reach.)
+#[test]
+fn every_dependency_has_an_allowed_licence() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let output = Command::new(cargo)
+        .args(["metadata", "--format-version", "1", "--offline", "--locked"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cargo metadata runs");
+    assert!(
+        output.status.success(),
+        "cargo metadata failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let metadata: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("cargo metadata prints json");
+    let packages = metadata["packages"].as_array().expect("packages");
+    assert!(packages.len() > 100, "the whole graph is listed");
+    let refused: Vec<String> = packages
+        .iter()
+        .filter(|p| p["source"].is_string()) // not one of ours
+        .filter_map(|p| {
+            let name = p["name"].as_str().unwrap_or_default();
+            let licence = p["license"].as_str().unwrap_or_default();
+            let excepted = LICENCE_EXCEPTIONS.contains(&(name, licence));
+            (!excepted && !licence_allowed(licence))
+                .then(|| format!("{name} {} ({licence:?})", p["version"]))
+        })
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "dependencies under licences not allowed: {refused:?}"
+    );
+}
