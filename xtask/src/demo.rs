@@ -93,12 +93,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 async fn build(root: &Path, release: bool) -> anyhow::Result<PathBuf> {
-    println!("demo: building callback-service and client-service");
+    println!(
+        "demo: building callback-service and client-service (the first build takes a few minutes; errors are shown)"
+    );
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut command = Command::new(cargo);
-    command
-        .current_dir(root)
-        .args(["build", "-p", "callback-service", "-p", "client-service"]);
+    command.current_dir(root).args([
+        "build",
+        "--quiet",
+        "-p",
+        "callback-service",
+        "-p",
+        "client-service",
+    ]);
     if release {
         command.arg("--release");
     }
