@@ -58,6 +58,9 @@ impl AcceptError {
 pub struct Health {
     /// The database's answer to a ping.
     pub database: Result<(), StoreError>,
+    /// `Err` with the cause while the upstream is failing. Callbacks are still accepted
+    /// (they wait in the inbox), so this alone does not make the service unhealthy.
+    pub upstream: Result<(), String>,
     /// The pipeline's counters.
     pub pipeline: PipelineStats,
 }
@@ -138,6 +141,7 @@ impl Application {
     pub async fn health(&self) -> Health {
         Health {
             database: self.store.ping().await,
+            upstream: self.pipeline.upstream_health(),
             pipeline: self.pipeline.stats(),
         }
     }

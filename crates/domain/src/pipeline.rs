@@ -152,6 +152,9 @@ struct Shared {
     propagation: Arc<dyn TracePropagation>,
     /// Bounds the "fetch failed" lines when many ids fail at once (upstream down).
     failure_log: LogBudget,
+    /// Whether the upstream is failing: the cause of the latest fetch that found it down
+    /// (unreachable, timed out, 5xx or 429 after every retry), until a fetch gets an answer.
+    upstream_failing: std::sync::Mutex<Option<String>>,
     counters: Counters,
     metrics: PipelineMetrics,
     /// Wakes the dispatcher: new work committed, or capacity freed.
@@ -160,6 +163,16 @@ struct Shared {
 }
 
 impl Shared {
+    /// Takes back `n` ids counted as pending (a refused reservation, or settled ids).
+    fn release_pending(&self, n: u64) {
+        let _ = self
+            .counters
+            .pending
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |p| {
+                Some(p.saturating_sub(n))
+            });
+    }
+
     fn note_backlog(&self, backlog: Backlog) {
         self.counters
             .pending
@@ -216,17 +229,27 @@ impl PipelineHandle {
         if shared.closed.load(Ordering::Acquire) {
             return Err(SubmitError::ShuttingDown);
         }
-        let pending = shared.counters.pending.load(Ordering::Relaxed);
+        // Reserve the ids before anything waits, so concurrent callbacks cannot all pass
+        // the bound at once; the reservation is taken back if the callback is not recorded.
+        let n = ids.len() as u64;
         let limit = shared.config.max_pending_ids;
-        if pending.saturating_add(ids.len() as u64) > limit as u64 {
+        let pending = shared.counters.pending.fetch_add(n, Ordering::AcqRel);
+        if pending.saturating_add(n) > limit as u64 {
+            shared.release_pending(n);
             return Err(SubmitError::Overloaded { pending, limit });
         }
         let (reply, answer) = oneshot::channel();
         let trace = shared.propagation.current();
-        self.requests
+        if self
+            .requests
             .send(Request { ids, trace, reply })
             .await
-            .map_err(|_| SubmitError::ShuttingDown)?;
+            .is_err()
+        {
+            shared.release_pending(n);
+            return Err(SubmitError::ShuttingDown);
+        }
+        // The ingest writer takes the reservation back when the inbox refuses the callback.
         answer.await.unwrap_or(Err(SubmitError::ShuttingDown))
     }
 
@@ -263,6 +286,20 @@ impl PipelineHandle {
     /// Up to `limit` recorded failures, newest first.
     pub async fn recent_failures(&self, limit: usize) -> Result<Vec<FailureRecord>, StoreError> {
         self.shared.db.recent_failures(limit).await
+    }
+
+    /// `Err` with the cause while the upstream is failing: the latest fetch that ended
+    /// found it unreachable, timing out or answering 5xx/429 after every retry.
+    pub fn upstream_health(&self) -> Result<(), String> {
+        match &*self
+            .shared
+            .upstream_failing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+        {
+            Some(cause) => Err(cause.clone()),
+            None => Ok(()),
+        }
     }
 }
 
@@ -303,6 +340,7 @@ impl Pipeline {
             db,
             propagation,
             failure_log: LogBudget::new(FAILURE_LINES_PER_SECOND),
+            upstream_failing: std::sync::Mutex::new(None),
             counters: Counters {
                 oldest: AtomicI64::new(i64::MIN),
                 ..Counters::default()
@@ -438,11 +476,14 @@ async fn ingest(shared: Arc<Shared>, mut requests: mpsc::Receiver<Request>, max_
                 m.group_commits.increment(1);
                 m.callbacks_accepted.increment(batch.len() as u64);
                 m.ids_accepted.increment(accepted_ids as u64);
-                // An upper bound until the monitor reads the real figure.
-                add(&c.pending, ids.len());
+                // The callbacks reserved their ids as pending when they were admitted (an
+                // upper bound: ids shared with waiting ones count twice until the monitor
+                // reads the real figure).
                 shared.work_ready.notify_one();
             }
             Err(err) => {
+                let reserved: usize = batch.iter().map(|r| r.ids.len()).sum();
+                shared.release_pending(reserved as u64);
                 metrics::store_error("enqueue");
                 tracing::warn!(callbacks = batch.len(), ids = ids.len(), error = %err,
                     "inbox write failed; callbacks answered 503");
@@ -551,6 +592,18 @@ async fn fetch(
     };
     m.fetch_duration.record(metrics::seconds(started.elapsed()));
     let now = shared.clock.now();
+    {
+        let down = answer.as_ref().err().filter(|err| err.is_transient());
+        let mut failing = shared
+            .upstream_failing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match down {
+            Some(err) => *failing = Some(err.to_string()),
+            None if failing.is_some() => *failing = None,
+            None => {}
+        }
+    }
     let answer = answer.and_then(|status| {
         if status.id == id {
             Ok(status)
@@ -645,12 +698,7 @@ async fn complete(
             add(&shared.counters.stored, online.len());
             expiry.offer(earliest);
         }
-        let c = &shared.counters;
-        let _ = c
-            .pending
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| {
-                Some(p.saturating_sub(completions.len() as u64))
-            });
+        shared.release_pending(completions.len() as u64);
         drop(batch); // frees the permits
         shared.work_ready.notify_one();
     }

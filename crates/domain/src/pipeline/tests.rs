@@ -524,3 +524,43 @@ async fn shutdown_is_bounded_and_hands_unfinished_claims_back() {
     let free = store.claim("next", now, now, 10).await.unwrap();
     assert_eq!(free.len(), 4, "their leases were released");
 }
+
+#[tokio::test(start_paused = true)]
+async fn health_names_a_failing_upstream_until_it_answers_again() {
+    let rig = Rig::new(PipelineConfig::default());
+    rig.source
+        .set_rule(|_| Err(FetchError::Unreachable("connection refused".into())));
+    rig.submit(&[2]).await.unwrap();
+    sleep(LATENCY * 2).await;
+    let failing = rig.pipeline.handle().upstream_health();
+    assert!(
+        matches!(&failing, Err(cause) if cause.contains("connection refused")),
+        "{failing:?}"
+    );
+
+    // The next answer clears it.
+    rig.source.set_rule(|id| Ok(id.get() % 2 == 0));
+    rig.submit(&[4]).await.unwrap();
+    sleep(LATENCY * 2).await;
+    assert_eq!(rig.pipeline.handle().upstream_health(), Ok(()));
+    assert!(rig.stored(4).await.is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_callbacks_cannot_overshoot_the_backlog_bound_together() {
+    let rig = Rig::new(PipelineConfig {
+        max_pending_ids: 5,
+        ..PipelineConfig::default()
+    });
+    let handle = rig.pipeline.handle();
+    // Ten callbacks of three fresh ids each, all admitted at the same instant.
+    let outcomes = futures_util::future::join_all((0..10).map(|i| {
+        let handle = handle.clone();
+        async move { handle.submit(ids(&[i * 3, i * 3 + 1, i * 3 + 2])).await }
+    }))
+    .await;
+    let accepted = outcomes.iter().filter(|o| o.is_ok()).count();
+    assert_eq!(accepted, 1, "3 + 3 > 5: one fits, {outcomes:?}");
+    assert!(rig.stats().pending_ids <= 5);
+    assert_eq!(rig.store.inbox_len(), 3);
+}

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use diesel::prelude::*;
 use diesel::result::{ConnectionError, DatabaseErrorKind};
-use diesel::sql_types::Integer;
 use diesel::sqlite::{Sqlite, SqliteConnection};
 use diesel_async::RunQueryDsl;
 use diesel_async::pooled_connection::deadpool::{Object, Pool};
@@ -47,6 +46,13 @@ const SESSION_SETTINGS: &str = concat!(
     "PRAGMA synchronous = FULL;",
     "PRAGMA foreign_keys = ON;",
 );
+
+/// The session's `busy_timeout`, as [`SESSION_SETTINGS`] sets it.
+const SESSION_BUSY_TIMEOUT: &str = "PRAGMA busy_timeout = 5000;";
+
+/// How long the health probe waits for another process's write lock: a health check must
+/// answer quickly, and a lock held longer than this is worth reporting.
+const PING_BUSY_TIMEOUT_MS: u32 = 250;
 
 type AsyncSqlite = SyncConnectionWrapper<SqliteConnection>;
 
@@ -281,20 +287,24 @@ impl SqliteStore {
         rows.into_iter().map(ObjectRow::into_domain).collect()
     }
 
+    /// Checks that the file can be written now, not only read: in WAL mode a read needs no
+    /// lock, so `SELECT 1` would answer while another process holds the write lock and
+    /// every callback fails. `BEGIN IMMEDIATE` takes the write lock (waiting at most
+    /// [`PING_BUSY_TIMEOUT_MS`]) and `ROLLBACK` gives it back at once; nothing is written.
     #[tracing::instrument(level = "debug", name = "sqlite.ping", skip_all)]
     async fn ping_database(&self) -> Result<(), StoreError> {
-        let one = self
-            .run(Access::Read, |mut conn| async move {
-                diesel::select(1_i32.into_sql::<Integer>())
-                    .get_result::<i32>(&mut conn)
-                    .await
+        self.run(Access::Write, |mut conn| async move {
+            conn.spawn_blocking(|conn| {
+                use diesel::connection::SimpleConnection as _;
+                conn.batch_execute(&format!("PRAGMA busy_timeout = {PING_BUSY_TIMEOUT_MS};"))?;
+                let probe = conn.batch_execute("BEGIN IMMEDIATE; ROLLBACK;");
+                // The session's own timeout comes back whatever the probe did.
+                let restored = conn.batch_execute(SESSION_BUSY_TIMEOUT);
+                probe.and(restored)
             })
-            .await?;
-        if one == 1 {
-            Ok(())
-        } else {
-            Err(StoreError::Query(format!("SELECT 1 answered {one}")))
-        }
+            .await
+        })
+        .await
     }
 
     #[tracing::instrument(level = "debug", name = "sqlite.enqueue", skip_all, fields(ids = requests.len()))]

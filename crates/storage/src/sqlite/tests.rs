@@ -215,7 +215,10 @@ async fn waiting_too_long_for_the_write_lock_is_unavailable() {
         "{err:?}"
     );
     // Reads do not take the write lock.
-    store.ping_database().await.expect("reads still work");
+    store
+        .list_live(Timestamp::from_unix_micros(0), None, 10)
+        .await
+        .expect("reads still work");
     drop(turn);
     store
         .upsert(&[object(1, 1, 2)])
@@ -473,4 +476,51 @@ async fn a_claim_waits_for_the_write_lock() {
             .len(),
         3
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ping_reports_a_file_another_process_holds_the_write_lock_of() {
+    let (store, dir) = fresh(&StoreOptions {
+        max_connections: 1,
+        ..StoreOptions::default()
+    })
+    .await;
+    store.ping_database().await.expect("a free file answers");
+    let path = dir.path().join("unit.db");
+    let mut holder = SqliteConnection::establish(path.to_str().expect("utf-8")).expect("connect");
+    holder
+        .batch_execute("BEGIN EXCLUSIVE")
+        .expect("take the write lock");
+
+    let started = std::time::Instant::now();
+    let err = store
+        .ping_database()
+        .await
+        .expect_err("the file cannot be written");
+    assert!(
+        matches!(&err, StoreError::Unavailable(m) if m.contains("locked")),
+        "{err:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+
+    holder
+        .batch_execute("ROLLBACK")
+        .expect("give the lock back");
+    store.ping_database().await.expect("answers again");
+    // The probe's short wait did not stay on the session.
+    let mut conn = store.pool.get().await.expect("the only connection");
+    let busy: BusyTimeout = diesel::sql_query("PRAGMA busy_timeout")
+        .get_result(&mut *conn)
+        .await
+        .expect("busy_timeout");
+    assert_eq!(busy.timeout, 5_000);
+}
+
+#[test]
+fn the_session_busy_timeout_is_the_one_the_settings_apply() {
+    assert!(SESSION_SETTINGS.starts_with(SESSION_BUSY_TIMEOUT));
 }
