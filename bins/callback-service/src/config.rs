@@ -10,7 +10,7 @@ use clap::Parser;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
-use telemetry::TelemetryConfig;
+use telemetry::{LogFormat, TelemetryConfig};
 
 /// The file read after the built-in defaults, relative to the working directory.
 pub const DEFAULT_FILE: &str = "config/default.toml";
@@ -90,8 +90,8 @@ pub struct Config {
     pub expiry: ExpirySection,
     /// The fetch → store pipeline.
     pub pipeline: PipelineSection,
-    /// Logs and traces.
-    pub telemetry: TelemetryConfig,
+    /// Logs, traces and heap profiling.
+    pub telemetry: TelemetrySection,
 }
 
 /// `[http]`.
@@ -110,6 +110,8 @@ pub struct HttpSection {
     pub body_read_timeout_ms: u64,
     /// Most open connections at once.
     pub max_connections: usize,
+    /// Bytes the callbacks being received at once may hold together; past it, fast 503s.
+    pub max_body_memory_bytes: usize,
     /// How long shutdown waits for requests in flight.
     pub shutdown_grace_ms: u64,
 }
@@ -123,6 +125,7 @@ impl Default for HttpSection {
             header_read_timeout_ms: 10_000,
             body_read_timeout_ms: 10_000,
             max_connections: 10_000,
+            max_body_memory_bytes: 67_108_864,
             shutdown_grace_ms: 10_000,
         }
     }
@@ -250,6 +253,66 @@ impl Default for PipelineSection {
     }
 }
 
+/// `[telemetry]`: the keys shared with client-service ([`TelemetryConfig`]) and heap
+/// profiling, which only this service has.
+///
+/// The shared keys are repeated here rather than flattened in: serde cannot refuse unknown
+/// keys of a flattened struct, and a misspelt key must fail at start. `Default` and
+/// [`TelemetrySection::common`] destructure [`TelemetryConfig`] field by field, so a new
+/// shared key does not compile until it is added here too.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetrySection {
+    /// The log filter when `RUST_LOG` is not set, in `EnvFilter` syntax.
+    pub log_filter: String,
+    /// Human or JSON log lines.
+    pub log_format: LogFormat,
+    /// Where spans are sent (Zipkin v2 JSON API); empty turns export off.
+    pub zipkin_endpoint: String,
+    /// The share of new traces recorded and exported, from 0.0 to 1.0.
+    pub sample_ratio: f64,
+    /// Whether jemalloc samples allocations from the start, so `GET /debug/pprof/heap`
+    /// answers (Linux only).
+    pub heap_profiling: bool,
+}
+
+impl Default for TelemetrySection {
+    fn default() -> Self {
+        let TelemetryConfig {
+            log_filter,
+            log_format,
+            zipkin_endpoint,
+            sample_ratio,
+        } = TelemetryConfig::default();
+        Self {
+            log_filter,
+            log_format,
+            zipkin_endpoint,
+            sample_ratio,
+            heap_profiling: true,
+        }
+    }
+}
+
+impl TelemetrySection {
+    /// The settings `telemetry::init` takes.
+    pub fn common(&self) -> TelemetryConfig {
+        let Self {
+            log_filter,
+            log_format,
+            zipkin_endpoint,
+            sample_ratio,
+            heap_profiling: _,
+        } = self;
+        TelemetryConfig {
+            log_filter: log_filter.clone(),
+            log_format: *log_format,
+            zipkin_endpoint: zipkin_endpoint.clone(),
+            sample_ratio: *sample_ratio,
+        }
+    }
+}
+
 impl Config {
     /// Reads every source in order, later wins, and checks the result.
     pub fn load(flags: &Flags) -> anyhow::Result<Self> {
@@ -278,6 +341,10 @@ impl Config {
             ("http.max_body_bytes", self.http.max_body_bytes as u64),
             ("http.max_ids", self.http.max_ids as u64),
             ("http.max_connections", self.http.max_connections as u64),
+            (
+                "http.max_body_memory_bytes",
+                self.http.max_body_memory_bytes as u64,
+            ),
             (
                 "database.max_connections",
                 self.database.max_connections as u64,
@@ -402,6 +469,7 @@ mod tests {
             assert_eq!(config.upstream.base_url, "http://127.0.0.1:9010");
             assert_eq!(config.expiry.ttl_ms, 30_000);
             assert_eq!(config.telemetry.zipkin_endpoint, "");
+            assert!(config.telemetry.heap_profiling);
             Ok(())
         });
     }
@@ -473,6 +541,33 @@ mod tests {
             assert_eq!(config.admin.listen.to_string(), "127.0.0.1:3");
             assert_eq!(config.database.url, "sqlite:///tmp/y.db");
             assert_eq!(config.upstream.base_url, "http://127.0.0.1:4");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn heap_profiling_is_a_telemetry_key_beside_the_shared_ones() {
+        Jail::expect_with(|jail| {
+            jail.set_env("CALLBACK_TELEMETRY__HEAP_PROFILING", "false");
+            jail.set_env("CALLBACK_TELEMETRY__LOG_FORMAT", "json");
+            jail.set_env("CALLBACK_TELEMETRY__SAMPLE_RATIO", "0.25");
+            let config = Config::load(&Flags::default()).map_err(|e| e.to_string())?;
+            assert!(!config.telemetry.heap_profiling);
+            let common = config.telemetry.common();
+            assert_eq!(common.log_format, LogFormat::Json);
+            assert_eq!(common.sample_ratio, 0.25);
+            assert_eq!(common.log_filter, "info");
+            Ok(())
+        });
+        // The shared keys have the shared defaults.
+        assert_eq!(
+            serde_json::to_value(TelemetrySection::default().common()).unwrap(),
+            serde_json::to_value(TelemetryConfig::default()).unwrap()
+        );
+        Jail::expect_with(|jail| {
+            jail.set_env("CALLBACK_TELEMETRY__HEAP_PROFILNG", "false");
+            let err = Config::load(&Flags::default()).unwrap_err().to_string();
+            assert!(err.contains("heap_profilng"), "{err}");
             Ok(())
         });
     }

@@ -4,7 +4,9 @@
 //! This binary only wires: configuration → adapters → pipeline, sweeper and servers →
 //! graceful shutdown.
 
+mod allocator;
 mod config;
+mod profiles;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -31,7 +33,7 @@ fn main() -> ExitCode {
         }
     };
     let _telemetry = match telemetry::init(
-        &config.telemetry,
+        &config.telemetry.common(),
         telemetry::Service {
             name: "callback-service",
             version: env!("CARGO_PKG_VERSION"),
@@ -71,6 +73,8 @@ fn main() -> ExitCode {
 
 async fn run(config: Config, metrics: telemetry::metrics::MetricsHandle) -> anyhow::Result<()> {
     tracing::info!(config = %config.redacted_json(), "starting callback-service {}", env!("CARGO_PKG_VERSION"));
+    // Early, so the heap profile also shows what start-up allocates and keeps.
+    telemetry::profiling::set_heap_profiling(config.telemetry.heap_profiling).await;
 
     let database = storage::open(
         &config.database.url,
@@ -165,6 +169,7 @@ async fn run(config: Config, metrics: telemetry::metrics::MetricsHandle) -> anyh
         header_read_timeout: ms(config.http.header_read_timeout_ms),
         body_read_timeout: ms(config.http.body_read_timeout_ms),
         max_connections: config.http.max_connections,
+        max_body_memory_bytes: config.http.max_body_memory_bytes,
         shutdown_grace: ms(config.http.shutdown_grace_ms),
         ..http_transport::HttpConfig::default()
     };
@@ -177,7 +182,8 @@ async fn run(config: Config, metrics: telemetry::metrics::MetricsHandle) -> anyh
     let admin_server = tokio::spawn(http_transport::serve_admin(
         admin,
         app,
-        Arc::new(move || metrics.render()),
+        http_transport::AdminServices::new(Arc::new(move || metrics.render()))
+            .with_profiler(Arc::new(profiles::TelemetryProfiler)),
         shutdown.child_token(),
     ));
 

@@ -8,6 +8,7 @@ use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
 use serde::Serialize;
 use serde_json::{Map, Value, json};
+use tokio::sync::Semaphore;
 
 use crate::HttpConfig;
 use crate::callback::post_callback;
@@ -35,6 +36,9 @@ pub(crate) struct Limits {
 pub(crate) struct ApiState {
     pub(crate) app: Application,
     pub(crate) limits: Limits,
+    /// Bytes the callbacks in progress may hold together ([`HttpConfig::max_body_memory_bytes`]).
+    pub(crate) body_memory: Arc<Semaphore>,
+    pub(crate) body_memory_bytes: usize,
 }
 
 impl ApiState {
@@ -46,6 +50,10 @@ impl ApiState {
                 max_ids: config.max_ids,
                 body_read_timeout: config.body_read_timeout,
             },
+            body_memory: Arc::new(Semaphore::new(
+                config.max_body_memory_bytes.min(Semaphore::MAX_PERMITS),
+            )),
+            body_memory_bytes: config.max_body_memory_bytes,
         }
     }
 }
@@ -70,12 +78,18 @@ struct HealthOkJson {
 async fn health(state: Arc<ApiState>, _: Request<Incoming>, _: PathParams) -> HandlerResult {
     let health = state.app.health().await;
     let pipeline = StatsJson::from(health.pipeline);
+    // A failing upstream is reported but keeps the status 200: callbacks are still
+    // accepted and wait in the inbox until it answers again.
+    let upstream = match &health.upstream {
+        Ok(()) => json!({ "status": "ok" }),
+        Err(cause) => json!({ "status": "failing", "error": cause }),
+    };
     match health.database {
         Ok(()) => json_response(
             StatusCode::OK,
             &HealthOkJson {
                 status: "ok",
-                components: json!({ "database": { "status": "ok" } }),
+                components: json!({ "database": { "status": "ok" }, "upstream": upstream }),
                 pipeline,
             },
         ),
@@ -84,7 +98,10 @@ async fn health(state: Arc<ApiState>, _: Request<Incoming>, _: PathParams) -> Ha
             details.insert("status".to_owned(), Value::from("unavailable"));
             details.insert(
                 "components".to_owned(),
-                json!({ "database": { "status": "down", "error": err.to_string() } }),
+                json!({
+                    "database": { "status": "down", "error": err.to_string() },
+                    "upstream": upstream,
+                }),
             );
             details.insert(
                 "pipeline".to_owned(),

@@ -37,6 +37,10 @@ pub(crate) async fn post_callback(
             limits.max_body_bytes
         )));
     }
+    // Memory stays bounded under a flood: the body (or, while its size is unknown, the
+    // largest allowed) is reserved before it is read and kept until the callback is
+    // recorded; when the budget is spent the answer is a fast 503, not a bigger heap.
+    let _reserved = reserve_body_memory(&state, req.body().size_hint().exact())?;
     let read = Limited::new(req.into_body(), limits.max_body_bytes).collect();
     let body = match tokio::time::timeout(limits.body_read_timeout, read).await {
         Err(_elapsed) => {
@@ -68,6 +72,42 @@ pub(crate) async fn post_callback(
     )
 }
 
+/// The least a callback is charged, for what it holds beside its body.
+const MIN_BODY_RESERVATION: usize = 4 * 1024;
+
+/// How long a client refused for want of memory is asked to wait.
+const BODY_MEMORY_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reserves memory for one callback's body: its exact length when declared, the largest
+/// allowed body otherwise (chunked), never less than [`MIN_BODY_RESERVATION`] nor more
+/// than the whole budget.
+fn reserve_body_memory(
+    state: &ApiState,
+    exact: Option<u64>,
+) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    let max_body = state.limits.max_body_bytes;
+    let body = exact.map_or(max_body, |len| {
+        usize::try_from(len).unwrap_or(max_body).min(max_body)
+    });
+    let wanted = body
+        .max(MIN_BODY_RESERVATION)
+        .min(state.body_memory_bytes)
+        .max(1);
+    let permits = u32::try_from(wanted).unwrap_or(u32::MAX);
+    Arc::clone(&state.body_memory)
+        .try_acquire_many_owned(permits)
+        .map_err(|_| {
+            crate::metrics::body_memory_exhausted();
+            ApiError::unavailable(
+                format!(
+                    "too many callbacks are being received at once (their bodies may hold {} bytes together); retry later",
+                    state.body_memory_bytes
+                ),
+                BODY_MEMORY_RETRY_AFTER,
+            )
+        })
+}
+
 /// Accepts `application/json` with any parameters, in any letter case.
 fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(value) = headers.get(header::CONTENT_TYPE) else {
@@ -94,7 +134,13 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
 
 /// Parses a callback body into its ids, in order, duplicates kept.
 pub(crate) fn parse_callback(body: &[u8], max_ids: usize) -> Result<Vec<ObjectId>, ApiError> {
-    let mut de = serde_json::Deserializer::from_slice(body);
+    // JSON text is UTF-8 (RFC 8259 §8.1). serde_json checks that only in the strings it
+    // decodes, not in the fields skipped here, so without this a bad byte in an unknown
+    // field would be accepted and the same byte in `object_ids` refused.
+    let text = std::str::from_utf8(body).map_err(|err| {
+        ApiError::InvalidJson(format!("invalid json: the body is not utf-8: {err}"))
+    })?;
+    let mut de = serde_json::Deserializer::from_str(text);
     let ids = CallbackSeed { max_ids }
         .deserialize(&mut de)
         .and_then(|ids| de.end().map(|()| ids))
@@ -389,6 +435,23 @@ mod tests {
         );
         // A syntax error after a bad element is still a syntax error.
         invalid_json(r#"{"object_ids":[-1,]}"#);
+    }
+
+    #[test]
+    fn a_body_that_is_not_utf8_is_invalid_json_wherever_the_bad_byte_is() {
+        for body in [
+            &b"{\"meta\":\"\xFF\",\"object_ids\":[1]}"[..],
+            b"{\"object_ids\":[1],\"\xC0\x80\":0}",
+            b"{\"object_ids\":[\"\xED\xA0\x80\"]}",
+            b"{\"object_ids\":[1]}\xFE",
+        ] {
+            match parse_callback(body, 10) {
+                Err(ApiError::InvalidJson(message)) => {
+                    assert!(message.contains("not utf-8"), "{body:?}: {message}");
+                }
+                other => panic!("{body:?}: expected invalid_json, got {other:?}"),
+            }
+        }
     }
 
     #[test]

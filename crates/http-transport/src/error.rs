@@ -7,6 +7,7 @@ use domain::{AcceptError, StoreError};
 use http::{HeaderValue, StatusCode, header};
 use serde_json::{Map, Value};
 
+use crate::ProfileError;
 use crate::json::{Reply, json_bytes_response};
 
 /// Why a request was not served; [`ApiError::into_response`] maps it to status and envelope.
@@ -44,6 +45,15 @@ pub(crate) enum ApiError {
         /// The value of the `Allow` header.
         allow: String,
     },
+    /// A CPU profile is already being taken; one runs at a time (409).
+    #[error("{0}")]
+    ProfileInProgress(String),
+    /// Heap profiling is switched off by configuration (409).
+    #[error("{0}")]
+    HeapProfilingDisabled(String),
+    /// This build or platform cannot do what the route offers (501).
+    #[error("{0}")]
+    NotSupported(String),
     /// The service cannot take the request now; the client should retry (503).
     #[error("{message}")]
     Unavailable {
@@ -105,6 +115,9 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => {
                 (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
             }
+            ApiError::ProfileInProgress(_) => (StatusCode::CONFLICT, "profile_in_progress"),
+            ApiError::HeapProfilingDisabled(_) => (StatusCode::CONFLICT, "heap_profiling_disabled"),
+            ApiError::NotSupported(_) => (StatusCode::NOT_IMPLEMENTED, "not_supported"),
             ApiError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Internal { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
         };
@@ -170,6 +183,21 @@ impl From<StoreError> for ApiError {
             StoreError::Unavailable(_) => ApiError::unavailable(err.to_string(), STORE_RETRY_AFTER),
             StoreError::Query(_) => ApiError::Internal {
                 cause: err.to_string(),
+            },
+        }
+    }
+}
+
+impl From<ProfileError> for ApiError {
+    fn from(err: ProfileError) -> Self {
+        match err {
+            ProfileError::InProgress => ApiError::ProfileInProgress(err.to_string()),
+            ProfileError::HeapProfilingDisabled(message) => {
+                ApiError::HeapProfilingDisabled(message)
+            }
+            ProfileError::NotSupported(message) => ApiError::NotSupported(message),
+            ProfileError::Failed(cause) => ApiError::Internal {
+                cause: format!("profile failed: {cause}"),
             },
         }
     }

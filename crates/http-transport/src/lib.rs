@@ -10,6 +10,9 @@ mod admin;
 mod api;
 mod callback;
 mod error;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod json;
 pub mod metrics;
 mod router;
@@ -20,6 +23,8 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+pub use admin::{CpuProfileFormat, Profile, ProfileError, Profiler};
 
 /// Limits and timeouts of the public HTTP listener.
 ///
@@ -41,6 +46,10 @@ pub struct HttpConfig {
     pub body_read_timeout: Duration,
     /// The most connections open at once; accepting waits while the limit is reached.
     pub max_connections: usize,
+    /// How many bytes the callbacks being read and submitted at once may hold together
+    /// (each counts its body, at least 4 KiB); past it, callbacks get a fast `503` with
+    /// `Retry-After` instead of growing memory.
+    pub max_body_memory_bytes: usize,
     /// How long shutdown waits for in-flight requests before closing their connections.
     pub shutdown_grace: Duration,
     /// How often an idle HTTP/2 connection is pinged to find dead peers; `None` disables it.
@@ -55,6 +64,7 @@ impl Default for HttpConfig {
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(10),
             max_connections: 10_000,
+            max_body_memory_bytes: 64 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(10),
             http2_keep_alive_interval: Some(Duration::from_secs(30)),
         }
@@ -83,15 +93,60 @@ pub async fn serve(
 /// The binary passes its recorder's renderer in, so this crate needs no exporter.
 pub type MetricsRenderer = Arc<dyn Fn() -> String + Send + Sync>;
 
-/// Serves the admin routes (`/failures`, `/stats`, `/metrics`) on `listener` until
-/// `shutdown` is cancelled.
+/// What the binary plugs into the admin listener: the metrics renderer and, optionally, a
+/// [`Profiler`] for the `/debug/pprof/*` routes.
+///
+/// A bare renderer (`Arc<impl Fn() -> String>`) converts into one without a profiler; the
+/// profile routes then answer `501 not_supported`.
+#[derive(Clone)]
+pub struct AdminServices {
+    metrics: MetricsRenderer,
+    profiler: Option<Arc<dyn Profiler>>,
+}
+
+impl AdminServices {
+    /// `GET /metrics` answers what `metrics` renders; no profiler.
+    pub fn new(metrics: MetricsRenderer) -> Self {
+        Self {
+            metrics,
+            profiler: None,
+        }
+    }
+
+    /// `GET /debug/pprof/profile` and `GET /debug/pprof/heap` are taken by `profiler`.
+    pub fn with_profiler(mut self, profiler: Arc<dyn Profiler>) -> Self {
+        self.profiler = Some(profiler);
+        self
+    }
+}
+
+impl std::fmt::Debug for AdminServices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminServices")
+            .field("profiler", &self.profiler.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F> From<Arc<F>> for AdminServices
+where
+    F: Fn() -> String + Send + Sync + ?Sized + 'static,
+{
+    fn from(render: Arc<F>) -> Self {
+        Self::new(Arc::new(move || render()))
+    }
+}
+
+/// Serves the admin routes (`/failures`, `/stats`, `/metrics`, `/debug/pprof/profile`,
+/// `/debug/pprof/heap`) on `listener` until `shutdown` is cancelled.
 ///
 /// Meant for a loopback address; it uses the same server machinery as [`serve`] with
-/// smaller limits. `GET /metrics` answers what `metrics` renders.
+/// smaller limits. `services` renders `GET /metrics` and takes the profiles; a bare
+/// [`MetricsRenderer`] is enough when there is no profiler.
 pub async fn serve_admin(
     listener: TcpListener,
     app: domain::Application,
-    metrics: MetricsRenderer,
+    services: impl Into<AdminServices>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let settings = server::Settings {
@@ -99,7 +154,7 @@ pub async fn serve_admin(
         shutdown_grace: Duration::from_secs(5),
         ..server::Settings::from(&HttpConfig::default())
     };
-    let state = Arc::new(admin::AdminState::new(app, metrics));
+    let state = Arc::new(admin::AdminState::new(app, services.into()));
     server::run(
         "admin",
         listener,

@@ -10,6 +10,9 @@ pub const HTTP_REQUESTS: &str = "http_requests_total";
 /// Time from a request's arrival to its response, by `route` and `method`.
 pub const HTTP_REQUEST_DURATION: &str = "http_request_duration_seconds";
 
+/// Callbacks refused, by `reason` (the domain counts the others under the same name).
+const CALLBACKS_REJECTED: &str = "callbacks_rejected_total";
+
 /// The `route` of a request no route matched (`404`): never the raw path.
 pub(crate) const UNMATCHED: &str = "unmatched";
 
@@ -25,6 +28,11 @@ pub fn describe() {
         Unit::Seconds,
         "time from a request's arrival to its response, by route pattern and method"
     );
+}
+
+/// Counts a callback refused because the bodies in progress hold the whole memory budget.
+pub(crate) fn body_memory_exhausted() {
+    counter!(CALLBACKS_REJECTED, "reason" => "body_memory").increment(1);
 }
 
 /// Counts one answered request and records how long it took.

@@ -3,9 +3,12 @@
 //! [`init`] installs a `tracing` subscriber with an `EnvFilter` and human or JSON log lines
 //! on stderr and, when `telemetry.zipkin_endpoint` is set, exports spans to Zipkin through
 //! OpenTelemetry; [`metrics::install`] installs the Prometheus recorder the admin listener
-//! renders; [`propagation`] carries trace context over HTTP (W3C `traceparent` and B3).
+//! renders; [`propagation`] carries trace context over HTTP (W3C `traceparent` and B3);
+//! `profiling` (feature `profiling`) takes CPU and heap profiles for the admin listener.
 
 pub mod metrics;
+#[cfg(feature = "profiling")]
+pub mod profiling;
 mod traces;
 
 /// Trace context over HTTP, re-exported for the binaries (the adapters use `trace-context`

@@ -2,6 +2,7 @@
 
 mod admin;
 mod callback;
+mod hostile;
 mod objects;
 mod routing;
 mod server;

@@ -213,3 +213,53 @@ async fn shutdown_gives_up_on_requests_that_outlast_the_grace_period() {
     let outcome = within("the stuck request ends", stuck).await.unwrap();
     assert!(outcome.is_err(), "the connection was closed: {outcome:?}");
 }
+
+#[tokio::test]
+async fn callbacks_past_the_body_memory_budget_get_a_fast_503_and_memory_is_given_back() {
+    let server = TestServer::start_with(Options {
+        http: HttpConfig {
+            max_body_memory_bytes: 8 * 1024,
+            ..HttpConfig::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    // A client that declares 6 000 bytes and sends them slowly holds 6 000 of the 8 192.
+    let body = format!("{{\"object_ids\":[{}]}}", vec!["1"; 2_992].join(","));
+    assert_eq!(body.len(), 6_000);
+    let head = format!(
+        "POST /callback HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut hog = raw_send(server.addr, head.as_bytes()).await;
+
+    // Another callback (charged at least 4 KiB) does not fit: 503 with Retry-After, at
+    // once. Until the hog's request has reached its handler, the other one may still fit.
+    let refused = within("a callback refused for want of memory", async {
+        loop {
+            let reply = server.callback(r#"{"object_ids":[7]}"#).await;
+            if reply.status == StatusCode::SERVICE_UNAVAILABLE {
+                return reply;
+            }
+            assert_eq!(reply.status, StatusCode::ACCEPTED);
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    refused.assert_error(503, "unavailable");
+    assert!(refused.retry_after() >= 1);
+    assert!(
+        refused.message().contains("retry later"),
+        "{}",
+        refused.message()
+    );
+
+    // Once the hog's body arrives and it is answered, the memory is free again.
+    tokio::io::AsyncWriteExt::write_all(&mut hog, body.as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut hog).await.status, 202);
+    let reply = server.callback(r#"{"object_ids":[7]}"#).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED);
+    server.stop().await;
+}
