@@ -13,6 +13,10 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
+pub mod proxy;
+
+pub use proxy::Proxy;
+
 /// How long a process may take to start listening.
 pub const START_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -104,6 +108,11 @@ impl Process {
             lines,
             new_line,
         })
+    }
+
+    /// The operating system's id of the process, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     /// Every line printed so far.
@@ -363,6 +372,33 @@ impl Service {
         ];
         all.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
         Self::spawn(Arc::new(database), dir, all).await.map(Some)
+    }
+
+    /// Starts the service on `database`, which it reaches at `database_url` (the
+    /// database's own [`Database::url`], or the same database through a [`Proxy`]),
+    /// against `upstream` with the given TTL and extra `CALLBACK_…` env; the harness
+    /// reads the database at its own url, past any proxy.
+    pub async fn start_with(
+        database: Database,
+        database_url: &str,
+        upstream: &str,
+        ttl: Duration,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let dir = Arc::new(tempfile::tempdir()?);
+        let mut all = vec![
+            ("CALLBACK_DATABASE__URL".to_owned(), database_url.to_owned()),
+            (
+                "CALLBACK_UPSTREAM__BASE_URL".to_owned(),
+                upstream.to_owned(),
+            ),
+            (
+                "CALLBACK_EXPIRY__TTL_MS".to_owned(),
+                ttl.as_millis().to_string(),
+            ),
+        ];
+        all.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        Self::spawn(Arc::new(database), dir, all).await
     }
 
     /// Another instance on the same database with the same settings and fresh ports: a
