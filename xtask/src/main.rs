@@ -1,6 +1,7 @@
 //! Developer commands, run as `cargo xtask <command>`.
 
 mod bench;
+mod compose;
 mod demo;
 
 use std::path::{Path, PathBuf};
@@ -23,6 +24,8 @@ enum Command {
     Demo(demo::Args),
     /// Measure throughput, latency and memory with release binaries
     Bench(bench::Args),
+    /// Run the whole stack in containers with Docker Compose (up, down, logs, ps)
+    Compose(compose::Args),
 }
 
 /// The workspace root (the folder above `xtask/`).
@@ -43,5 +46,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Demo(args) => runtime.block_on(demo::run(args)),
         Command::Bench(args) => runtime.block_on(bench::run(args)),
+        Command::Compose(args) => runtime.block_on(compose::run(args)),
     }
 }
