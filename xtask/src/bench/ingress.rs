@@ -1,29 +1,34 @@
-//! `ingress`: N connections post 200-id callbacks (ids 0..99) back to back.
+//! `ingress`: N connections post 200-id callbacks (ids 0..99) back to back (closed loop).
 //!
 //! Reports accepted callbacks/s, ack latency p50/p99/p99.9, non-2xx answers, the service's
-//! RSS peak and CPU, and "kept up": how long after the load stops until every even id of
-//! the last accepted callbacks is stored with a `last_seen` after that callback was sent.
+//! CPU and memory (RSS fresh, before the load after a warm-up of one callback per
+//! connection, its peak, and after the load once the backlog is gone), and "kept up": how long after the load stops until every even id of the last
+//! accepted callbacks is stored with a `last_seen` after that callback was sent.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use serde_json::{Value, json};
+use serde_json::json;
 
+use super::load::{self, Answer};
 use super::postgres::Cluster;
-use super::procs::{self, Bins};
+use super::procs::{Bins, Proc, Stack, StackOptions};
+use super::report::{self, Check, Outcome, Table, mb, ms, num, to_mb};
+use super::store;
 
-fn now_micros() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-}
+/// Target: the RSS peak during the load.
+const RSS_PEAK_TARGET_MB: f64 = 150.0;
+/// Target: RSS after the load, relative to RSS before it.
+const RSS_BACK_FACTOR: f64 = 1.2;
+/// How long RSS may take to come back after the backlog is gone.
+const RSS_SETTLE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Default)]
 struct Tally {
-    latencies_us: Vec<u32>,
+    latencies_ms: Vec<f64>,
     accepted: u64,
     non_2xx: u64,
     errors: u64,
@@ -31,38 +36,17 @@ struct Tally {
     last_sent: BTreeMap<i64, i64>,
 }
 
-fn body(seed: u64) -> (Vec<i64>, String) {
-    let mut rng = fastrand_like(seed);
-    let ids: Vec<i64> = (0..200).map(|_| (rng() % 100) as i64).collect();
-    let body = json!({ "object_ids": ids }).to_string();
-    (ids, body)
-}
-
-/// A tiny xorshift generator: the load needs variety, not quality.
-fn fastrand_like(seed: u64) -> impl FnMut() -> u64 {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    }
-}
-
-fn percentile(sorted: &[u32], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    f64::from(sorted[rank.min(sorted.len() - 1)]) / 1_000.0
-}
-
-async fn load(api: SocketAddr, seconds: Duration, connections: usize) -> anyhow::Result<Tally> {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(connections)
-        .timeout(Duration::from_secs(5))
-        .build()?;
-    let bodies: Arc<Vec<(Vec<i64>, String)>> = Arc::new((0..64).map(body).collect());
+async fn run_load(api: SocketAddr, seconds: Duration, connections: usize) -> anyhow::Result<Tally> {
+    let client = load::client(Duration::from_secs(5))?;
+    let bodies: Arc<Vec<(Vec<i64>, String)>> = Arc::new(
+        (0..64)
+            .map(|seed| {
+                let ids = load::reference_ids(seed);
+                let body = load::body(ids.iter().copied());
+                (ids, body)
+            })
+            .collect(),
+    );
     let url = format!("http://{api}/callback");
     let end = Instant::now() + seconds;
     let workers: Vec<_> = (0..connections)
@@ -74,29 +58,19 @@ async fn load(api: SocketAddr, seconds: Duration, connections: usize) -> anyhow:
                 while Instant::now() < end {
                     n += connections;
                     let (ids, body) = &bodies[n % bodies.len()];
-                    let sent_at = now_micros();
-                    let started = Instant::now();
-                    let response = client
-                        .post(&url)
-                        .header("content-type", "application/json")
-                        .body(body.clone())
-                        .send()
-                        .await;
-                    let took = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
-                    match response {
-                        Ok(r) if r.status().as_u16() == 202 => {
-                            let _ = r.bytes().await;
+                    let posted = load::post(&client, &url, body.clone()).await;
+                    match posted.answer {
+                        Answer::Accepted => {
                             tally.accepted += 1;
-                            tally.latencies_us.push(took);
+                            tally
+                                .latencies_ms
+                                .push(posted.latency.as_secs_f64() * 1_000.0);
                             for &id in ids {
-                                tally.last_sent.insert(id, sent_at);
+                                tally.last_sent.insert(id, posted.sent_us);
                             }
                         }
-                        Ok(r) => {
-                            let _ = r.bytes().await;
-                            tally.non_2xx += 1;
-                        }
-                        Err(_) => tally.errors += 1,
+                        Answer::Refused(_) => tally.non_2xx += 1,
+                        Answer::Failed => tally.errors += 1,
                     }
                 }
                 tally
@@ -106,7 +80,7 @@ async fn load(api: SocketAddr, seconds: Duration, connections: usize) -> anyhow:
     let mut total = Tally::default();
     for worker in workers {
         let t = worker.await?;
-        total.latencies_us.extend(t.latencies_us);
+        total.latencies_ms.extend(t.latencies_ms);
         total.accepted += t.accepted;
         total.non_2xx += t.non_2xx;
         total.errors += t.errors;
@@ -120,30 +94,19 @@ async fn load(api: SocketAddr, seconds: Duration, connections: usize) -> anyhow:
 
 /// Time from the end of the load until every even id is stored fresh, or `None` after 60 s.
 async fn kept_up(api: SocketAddr, owed: &BTreeMap<i64, i64>) -> anyhow::Result<Option<Duration>> {
-    let client = reqwest::Client::new();
+    let client = load::client(Duration::from_secs(5))?;
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(60) {
-        let page: Value = client
-            .get(format!("http://{api}/objects?limit=10000"))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let mut stored = BTreeMap::new();
-        for object in page["objects"].as_array().into_iter().flatten() {
-            if let (Some(id), Some(seen)) = (object["id"].as_i64(), object["last_seen"].as_str()) {
-                stored.insert(id, seen.to_owned());
-            }
-        }
+        let page = store::objects(&client, api, None, store::MAX_PAGE).await?;
+        let stored: BTreeMap<i64, i64> = page
+            .rows
+            .iter()
+            .map(|row| (row.id, row.last_seen_us))
+            .collect();
         let fresh = owed
             .iter()
             .filter(|(id, _)| *id % 2 == 0)
-            .all(|(id, sent)| {
-                stored
-                    .get(id)
-                    .and_then(|seen| parse_rfc3339_micros(seen))
-                    .is_some_and(|seen| seen >= *sent)
-            });
+            .all(|(id, sent)| stored.get(id).is_some_and(|seen| seen >= sent));
         if fresh {
             return Ok(Some(started.elapsed()));
         }
@@ -152,11 +115,45 @@ async fn kept_up(api: SocketAddr, owed: &BTreeMap<i64, i64>) -> anyhow::Result<O
     Ok(None)
 }
 
-/// Parses an RFC 3339 time into microseconds since the epoch.
-fn parse_rfc3339_micros(text: &str) -> Option<i64> {
-    chrono::DateTime::parse_from_rfc3339(text)
-        .ok()
-        .map(|t| t.timestamp_micros())
+/// One callback per connection at once, then waits until their ids are stored: the
+/// connections, pools and caches a running service holds exist before RSS is read.
+async fn warm_up(api: SocketAddr, connections: usize) -> anyhow::Result<()> {
+    let client = load::client(Duration::from_secs(5))?;
+    let url = format!("http://{api}/callback");
+    let mut posts = tokio::task::JoinSet::new();
+    for seed in 0..connections {
+        let (client, url) = (client.clone(), url.clone());
+        let ids = load::reference_ids(seed as u64 + 1_000);
+        posts.spawn(async move {
+            let posted = load::post(&client, &url, load::body(ids.iter().copied())).await;
+            (ids, posted)
+        });
+    }
+    let mut owed = BTreeMap::new();
+    while let Some(done) = posts.join_next().await {
+        let (ids, posted) = done?;
+        if posted.answer == Answer::Accepted {
+            owed.extend(ids.into_iter().map(|id| (id, posted.sent_us)));
+        }
+    }
+    kept_up(api, &owed).await?;
+    Ok(())
+}
+
+/// RSS once it is back within [`RSS_BACK_FACTOR`] of `start`, or after [`RSS_SETTLE`];
+/// with the time it took.
+async fn rss_after(service: &Proc, start: Option<u64>) -> (Option<u64>, Duration) {
+    let began = Instant::now();
+    loop {
+        let now = service.rss_bytes();
+        let back = now
+            .zip(start)
+            .is_some_and(|(now, start)| now as f64 <= start as f64 * RSS_BACK_FACTOR);
+        if back || began.elapsed() >= RSS_SETTLE {
+            return (now, began.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 pub async fn run(
@@ -164,72 +161,117 @@ pub async fn run(
     cluster: Option<&Cluster>,
     seconds: Duration,
     connections: usize,
-) -> anyhow::Result<Value> {
-    let work = std::env::temp_dir().join(format!("callback-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&work)?;
-    let database_url = match cluster {
-        Some(cluster) => cluster.url.clone(),
-        None => format!("sqlite://{}", work.join("bench.db").display()),
+) -> anyhow::Result<Outcome> {
+    let options = StackOptions {
+        latency_ms: (0, 5),
+        ttl_ms: None,
     };
-    let (upstream, upstream_addr) = procs::upstream(bins, 0, 5).await?;
-    let (service, api) = procs::service(bins, &work, &database_url, upstream_addr).await?;
+    let mut stack = Stack::start(bins, cluster, "ingress", options).await?;
     eprintln!(
         "bench: ingress, {connections} connections, {} s",
         seconds.as_secs()
     );
-    let cpu_before = service.cpu_time();
+    let rss_fresh = stack.service.rss_bytes();
+    warm_up(stack.api, connections).await.context("warm up")?;
+    let rss_start = stack.service.rss_bytes();
+    let cpu = stack.service.cpu_meter();
     let wall = Instant::now();
-    let tally = load(api, seconds, connections).await?;
+    let tally = run_load(stack.api, seconds, connections).await?;
     let elapsed = wall.elapsed();
-    let cpu = service
-        .cpu_time()
-        .zip(cpu_before)
-        .map(|(after, before)| after - before);
-    let kept_up = kept_up(api, &tally.last_sent)
+    let cpu_percent = cpu.percent(&stack.service);
+    stack.ensure_running()?;
+    let kept_up = kept_up(stack.api, &tally.last_sent)
         .await
         .context("read the store")?;
-    let rss = service.rss_peak_bytes();
-    service.stop().await.context("stop callback-service")?;
-    upstream.stop().await.context("stop client-service")?;
-    let _ = std::fs::remove_dir_all(&work);
+    let rss_peak = stack.service.rss_peak_bytes();
+    let (rss_after, settled_in) = rss_after(&stack.service, rss_start).await;
+    stack.stop().await?;
 
-    let mut sorted = tally.latencies_us.clone();
-    sorted.sort_unstable();
+    let sorted = report::sorted(tally.latencies_ms);
+    let (p50, p99, p999) = (
+        report::percentile(&sorted, 50.0),
+        report::percentile(&sorted, 99.0),
+        report::percentile(&sorted, 99.9),
+    );
     let per_second = tally.accepted as f64 / elapsed.as_secs_f64();
-    let cpu_percent = cpu.map(|cpu| 100.0 * cpu.as_secs_f64() / elapsed.as_secs_f64());
-    let result = json!({
+    let kept_up_ms = kept_up.map(|d| d.as_secs_f64() * 1_000.0);
+
+    let mut table = Table::new(&[
+        "scenario",
+        "accepted/s",
+        "ack p50",
+        "p99",
+        "p99.9",
+        "non-2xx",
+        "errors",
+        "service CPU",
+        "RSS fresh",
+        "RSS start",
+        "RSS peak",
+        "RSS after",
+        "kept up",
+    ]);
+    table.row(vec![
+        "ingress".into(),
+        format!("{per_second:.0}"),
+        ms(p50),
+        ms(p99),
+        ms(p999),
+        tally.non_2xx.to_string(),
+        tally.errors.to_string(),
+        cpu_percent.map_or("?".into(), |p| format!("{p:.0} %")),
+        mb(rss_fresh),
+        mb(rss_start),
+        mb(rss_peak),
+        format!("{} (+{:.1} s)", mb(rss_after), settled_in.as_secs_f64()),
+        kept_up_ms.map_or("not within 60 s".into(), ms),
+    ]);
+    table.print();
+    report::legend(&[
+        "accepted/s: callbacks answered 202 per second; ack: send → whole 202 read (closed loop)",
+        "service CPU: (utime+stime)/wall over the load, 100 % = one core",
+        "RSS fresh: before any request; RSS start: after a warm-up of one callback per connection, before the load",
+        "RSS after: once back within 20 % of RSS start, at most 10 s after \"kept up\"",
+        "kept up: load end → every even id of the last accepted callbacks stored with a fresh last_seen",
+    ]);
+
+    let mb_of = |bytes: Option<u64>| bytes.map(to_mb);
+    let checks = vec![
+        Check::new(
+            "ingress",
+            "RSS peak",
+            format!("≤ {RSS_PEAK_TARGET_MB:.0} MB"),
+            mb(rss_peak),
+            mb_of(rss_peak).map(|peak| peak <= RSS_PEAK_TARGET_MB),
+        ),
+        Check::new(
+            "ingress",
+            "RSS after the load",
+            "≤ RSS start + 20 %".to_owned(),
+            format!("{} vs {}", mb(rss_after), mb(rss_start)),
+            rss_after
+                .zip(rss_start)
+                .map(|(after, start)| after as f64 <= start as f64 * RSS_BACK_FACTOR),
+        ),
+    ];
+    let json = json!({
         "scenario": "ingress",
         "connections": connections,
-        "seconds": elapsed.as_secs_f64(),
+        "seconds": num(elapsed.as_secs_f64()),
         "accepted": tally.accepted,
         "accepted_per_s": per_second.round(),
-        "ack_p50_ms": percentile(&sorted, 50.0),
-        "ack_p99_ms": percentile(&sorted, 99.0),
-        "ack_p999_ms": percentile(&sorted, 99.9),
+        "ack_p50_ms": num(p50),
+        "ack_p99_ms": num(p99),
+        "ack_p999_ms": num(p999),
         "non_2xx": tally.non_2xx,
         "errors": tally.errors,
-        "rss_peak_mb": rss.map(|b| b as f64 / 1_048_576.0),
-        "service_cpu_percent": cpu_percent,
-        "kept_up_ms": kept_up.map(|d| d.as_secs_f64() * 1_000.0),
+        "service_cpu_percent": cpu_percent.map(num),
+        "rss_fresh_mb": mb_of(rss_fresh).map(num),
+        "rss_start_mb": mb_of(rss_start).map(num),
+        "rss_peak_mb": mb_of(rss_peak).map(num),
+        "rss_after_mb": mb_of(rss_after).map(num),
+        "rss_after_wait_s": num(settled_in.as_secs_f64()),
+        "kept_up_ms": kept_up_ms.map(num),
     });
-    println!();
-    println!(
-        "| scenario | accepted/s | ack p50 | p99 | p99.9 | non-2xx | errors | RSS peak | service CPU | kept up |"
-    );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
-    println!(
-        "| ingress | {per_second:.0} | {:.2} ms | {:.2} ms | {:.2} ms | {} | {} | {} | {} | {} |",
-        percentile(&sorted, 50.0),
-        percentile(&sorted, 99.0),
-        percentile(&sorted, 99.9),
-        tally.non_2xx,
-        tally.errors,
-        rss.map_or("?".into(), |b| format!("{:.1} MB", b as f64 / 1_048_576.0)),
-        cpu_percent.map_or("?".into(), |p| format!("{p:.0} %")),
-        kept_up.map_or("not within 60 s".into(), |d| format!(
-            "{:.0} ms",
-            d.as_secs_f64() * 1_000.0
-        )),
-    );
-    Ok(result)
+    Ok(Outcome { json, checks })
 }

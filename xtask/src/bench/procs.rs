@@ -1,5 +1,6 @@
-//! Child processes for the benchmarks: building, starting and sampling them.
+//! Child processes for the benchmarks: building, starting, sampling and stopping them.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -9,6 +10,8 @@ use anyhow::{Context, bail};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
+
+use super::postgres::Cluster;
 
 /// Where the release binaries are.
 #[derive(Debug)]
@@ -46,11 +49,14 @@ pub async fn build_release(root: &Path) -> anyhow::Result<Bins> {
     })
 }
 
+/// Log lines kept for the address search; later ones are dropped, never blocking the child.
+const LOG_BUFFER: usize = 256;
+
 /// A running child whose log lines are watched for the address it listens on.
 #[derive(Debug)]
 pub struct Proc {
     pub child: Child,
-    lines: mpsc::UnboundedReceiver<String>,
+    lines: mpsc::Receiver<String>,
 }
 
 impl Proc {
@@ -64,11 +70,12 @@ impl Proc {
             .spawn()
             .context("spawn")?;
         let stderr = child.stderr.take().context("stderr")?;
-        let (tx, lines) = mpsc::unbounded_channel();
+        let (tx, lines) = mpsc::channel(LOG_BUFFER);
         tokio::spawn(async move {
             let mut reader = BufReader::new(stderr).lines();
             while let Ok(Some(line)) = reader.next_line().await {
-                let _ = tx.send(line);
+                // Keep reading when nobody looks any more: a full pipe would stall the child.
+                let _ = tx.try_send(line);
             }
         });
         Ok(Self { child, lines })
@@ -76,6 +83,7 @@ impl Proc {
 
     /// Waits for a log line containing `marker` and returns the first socket address in it.
     pub async fn address(&mut self, marker: &str) -> anyhow::Result<SocketAddr> {
+        let mut tail = VecDeque::new();
         let found = tokio::time::timeout(Duration::from_secs(30), async {
             while let Some(line) = self.lines.recv().await {
                 if line.contains(marker)
@@ -85,28 +93,54 @@ impl Proc {
                 {
                     return Some(addr);
                 }
+                if tail.len() == 20 {
+                    tail.pop_front();
+                }
+                tail.push_back(line);
             }
             None
         })
         .await;
         match found {
             Ok(Some(addr)) => Ok(addr),
-            _ => bail!("no {marker:?} line from the process"),
+            _ => {
+                let tail: Vec<String> = tail.into_iter().collect();
+                bail!(
+                    "no {marker:?} line from the process; its last lines:\n{}",
+                    tail.join("\n")
+                )
+            }
         }
     }
 
-    /// Peak resident memory in bytes (VmHWM).
-    pub fn rss_peak_bytes(&self) -> Option<u64> {
+    /// A `kB` field of `/proc/<pid>/status`, in bytes.
+    fn status_bytes(&self, field: &str) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()?)).ok()?;
         let kb: u64 = status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))?
+            .find_map(|l| l.strip_prefix(field))?
             .trim()
             .trim_end_matches("kB")
             .trim()
             .parse()
             .ok()?;
         Some(kb * 1024)
+    }
+
+    /// Resident memory now, in bytes (VmRSS).
+    pub fn rss_bytes(&self) -> Option<u64> {
+        self.status_bytes("VmRSS:")
+    }
+
+    /// Peak resident memory since start, in bytes (VmHWM).
+    pub fn rss_peak_bytes(&self) -> Option<u64> {
+        self.status_bytes("VmHWM:")
+    }
+
+    /// Open file descriptors now (entries of `/proc/<pid>/fd`).
+    pub fn fd_count(&self) -> Option<usize> {
+        let dir = std::fs::read_dir(format!("/proc/{}/fd", self.child.id()?)).ok()?;
+        Some(dir.count())
     }
 
     /// CPU time used so far (user + system), from `/proc/<pid>/stat`.
@@ -117,8 +151,24 @@ impl Proc {
         let fields: Vec<&str> = rest.split_whitespace().collect();
         let utime: u64 = fields.get(11)?.parse().ok()?;
         let stime: u64 = fields.get(12)?.parse().ok()?;
-        // Clock ticks are 100 per second on Linux.
+        // /proc counts in USER_HZ, which is 100 per second on every Linux ABI.
         Some(Duration::from_millis((utime + stime) * 10))
+    }
+
+    /// Starts measuring this child's CPU use from now.
+    pub fn cpu_meter(&self) -> CpuMeter {
+        CpuMeter {
+            cpu: self.cpu_time(),
+            wall: std::time::Instant::now(),
+        }
+    }
+
+    /// Fails when the child has exited.
+    pub fn ensure_running(&mut self, name: &str) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("{name} exited during the benchmark: {status}");
+        }
+        Ok(())
     }
 
     /// Sends SIGTERM and waits for a successful exit, killing after 20 s.
@@ -128,6 +178,23 @@ impl Proc {
             bail!("exited with {status}");
         }
         Ok(())
+    }
+}
+
+/// A child's CPU use since a starting point.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuMeter {
+    cpu: Option<Duration>,
+    wall: std::time::Instant,
+}
+
+impl CpuMeter {
+    /// (utime + stime) / wall time since the start, in % of one core; `None` when
+    /// `/proc` could not be read.
+    pub fn percent(&self, proc: &Proc) -> Option<f64> {
+        let wall = self.wall.elapsed().as_secs_f64();
+        let used = proc.cpu_time()?.checked_sub(self.cpu?)?;
+        (wall > 0.0).then(|| 100.0 * used.as_secs_f64() / wall)
     }
 }
 
@@ -149,39 +216,113 @@ pub async fn terminate(child: &mut Child) -> anyhow::Result<std::process::ExitSt
     }
 }
 
-/// The upstream simulator on a free loopback port, answering after 0–5 ms.
-pub async fn upstream(bins: &Bins, min_ms: u64, max_ms: u64) -> anyhow::Result<(Proc, SocketAddr)> {
-    let mut proc = Proc::spawn(
-        Command::new(&bins.client_service)
-            .args(["--no-emitter", "--upstream-listen", "127.0.0.1:0"])
-            .args([
-                "--min-latency-ms",
-                &min_ms.to_string(),
-                "--max-latency-ms",
-                &max_ms.to_string(),
-            ])
-            .env("RUST_LOG", "info"),
-    )?;
-    let addr = proc.address("listening on").await?;
-    Ok((proc, addr))
+/// A temporary folder removed when dropped, also when a scenario fails or is interrupted.
+#[derive(Debug)]
+struct WorkDir(PathBuf);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
-/// The service on free loopback ports with a fresh database.
-pub async fn service(
-    bins: &Bins,
-    work_dir: &Path,
-    database_url: &str,
-    upstream: SocketAddr,
-) -> anyhow::Result<(Proc, SocketAddr)> {
-    let mut proc = Proc::spawn(
-        Command::new(&bins.callback_service)
-            .current_dir(work_dir)
+/// What a scenario runs against: the upstream simulator and the service on a fresh
+/// database, both on loopback ports. Dropping it kills both (`kill_on_drop`).
+#[derive(Debug)]
+pub struct Stack {
+    pub service: Proc,
+    pub upstream: Proc,
+    /// The service's public API.
+    pub api: SocketAddr,
+    /// The service's admin listener (`GET /metrics`).
+    pub admin: SocketAddr,
+    work: WorkDir,
+}
+
+/// How a [`Stack`] is started.
+#[derive(Debug, Clone, Copy)]
+pub struct StackOptions {
+    /// The simulator's answer time range, in milliseconds.
+    pub latency_ms: (u64, u64),
+    /// The service's `expiry.ttl_ms`; `None` keeps its default (30 s).
+    pub ttl_ms: Option<u64>,
+}
+
+impl Stack {
+    /// Starts the simulator, then the service on `cluster` or on a SQLite file of its own.
+    pub async fn start(
+        bins: &Bins,
+        cluster: Option<&Cluster>,
+        scenario: &str,
+        options: StackOptions,
+    ) -> anyhow::Result<Self> {
+        let work = WorkDir(
+            std::env::temp_dir().join(format!("callback-bench-{}-{scenario}", std::process::id())),
+        );
+        std::fs::create_dir_all(&work.0)?;
+        let database_url = match cluster {
+            Some(cluster) => cluster.url.clone(),
+            None => format!("sqlite://{}", work.0.join("bench.db").display()),
+        };
+        let (min_ms, max_ms) = options.latency_ms;
+        let mut upstream = Proc::spawn(
+            Command::new(&bins.client_service)
+                .args(["--no-emitter", "--upstream-listen", "127.0.0.1:0"])
+                .args(["--min-latency-ms", &min_ms.to_string()])
+                .args(["--max-latency-ms", &max_ms.to_string()])
+                .env("RUST_LOG", "info"),
+        )
+        .context("start client-service")?;
+        let upstream_addr = upstream
+            .address("listening on")
+            .await
+            .context("client-service")?;
+        let mut command = Command::new(&bins.callback_service);
+        command
+            .current_dir(&work.0)
             .env("RUST_LOG", "info,domain::pipeline=error")
             .env("CALLBACK_HTTP__LISTEN", "127.0.0.1:0")
             .env("CALLBACK_ADMIN__LISTEN", "127.0.0.1:0")
-            .env("CALLBACK_DATABASE__URL", database_url)
-            .env("CALLBACK_UPSTREAM__BASE_URL", format!("http://{upstream}")),
-    )?;
-    let addr = proc.address("api listening").await?;
-    Ok((proc, addr))
+            .env("CALLBACK_DATABASE__URL", &database_url)
+            .env(
+                "CALLBACK_UPSTREAM__BASE_URL",
+                format!("http://{upstream_addr}"),
+            );
+        if let Some(ttl_ms) = options.ttl_ms {
+            command.env("CALLBACK_EXPIRY__TTL_MS", ttl_ms.to_string());
+        }
+        let mut service = Proc::spawn(&mut command).context("start callback-service")?;
+        let api = service
+            .address("api listening")
+            .await
+            .context("callback-service")?;
+        // The admin line follows the api line.
+        let admin = service
+            .address("admin listening")
+            .await
+            .context("callback-service")?;
+        Ok(Self {
+            service,
+            upstream,
+            api,
+            admin,
+            work,
+        })
+    }
+
+    /// Fails when either child has exited.
+    pub fn ensure_running(&mut self) -> anyhow::Result<()> {
+        self.service.ensure_running("callback-service")?;
+        self.upstream.ensure_running("client-service")
+    }
+
+    /// Stops the service, then the simulator (the service may finish fetches while it
+    /// drains), then removes the database file.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let service = self.service.stop().await.context("stop callback-service");
+        let upstream = self.upstream.stop().await.context("stop client-service");
+        drop(self.work);
+        service?;
+        upstream
+    }
 }
