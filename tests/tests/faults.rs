@@ -663,38 +663,60 @@ async fn upstream_down_ids_are_retried_then_recorded_as_unreachable() -> anyhow:
     .await
 }
 
+/// One retried upstream fault, end to end: ids `base` (faulty on every attempt), `base + 1`
+/// (faulty on the first attempt only) and `base + 2` (healthy), in one callback. The healthy
+/// id is stored while the faulty one is still retried; the once-faulty id ends stored after
+/// exactly two attempts; the faulty id ends failed with `code` and a reason naming `words`,
+/// recorded within `deadline` (the retry deadline `env` sets) after at least two attempts.
+/// Returns the fake and the faulty id, for the checks of the case.
+async fn retried_fault(
+    base: i64,
+    fault: impl Fn(i64) -> Reply + Send + Sync + 'static,
+    env: &[(&str, &str)],
+    deadline: Duration,
+    code: &'static str,
+    words: &[&str],
+) -> anyhow::Result<FakeUpstream> {
+    let (always, once, fine) = (base, base + 1, base + 2);
+    let upstream = FakeUpstream::start(move |id, attempt| {
+        if id == always || (id == once && attempt == 1) {
+            fault(id)
+        } else {
+            Reply::online(id)
+        }
+    })
+    .await?;
+    let service = start_on_sqlite(&upstream.base_url(), env).await?;
+
+    let sent_at = accept(&service, &[always, once, fine]).await?;
+    stored_while_still_retrying(&service, fine, always).await?;
+    let failures = settled(
+        &service,
+        &[
+            (always, Outcome::Failed(code)),
+            (once, Outcome::Stored),
+            (fine, Outcome::Stored),
+        ],
+    )
+    .await?;
+    check_failure(&failures[&always], sent_at, deadline, words)?;
+    let attempts = upstream.attempts(always).len();
+    ensure!(attempts >= 2, "{code}: retried, yet {attempts} attempt(s)");
+    let attempts = upstream.attempts(once).len();
+    ensure!(
+        attempts == 2,
+        "{code}: once-faulty id asked {attempts} times"
+    );
+    healthy(&service).await?;
+    Ok(upstream)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_slow_past_the_timeout_is_retried_then_recorded_as_timeout() -> anyhow::Result<()>
 {
     bounded(async {
-        let (slow, slow_once, fine) = (10, 11, 12);
-        let upstream = FakeUpstream::start(move |id, attempt| {
-            let answer = Reply::online(id);
-            match id {
-                _ if id == slow => Reply::late(Duration::from_secs(5), answer),
-                _ if id == slow_once && attempt == 1 => Reply::late(Duration::from_secs(5), answer),
-                _ => answer,
-            }
-        })
-        .await?;
-        let service = start_on_sqlite(&upstream.base_url(), FAST_FAULTS).await?;
-
-        let sent_at = accept(&service, &[slow, slow_once, fine]).await?;
-        stored_while_still_retrying(&service, fine, slow).await?;
-        let failures = settled(
-            &service,
-            &[
-                (slow, Outcome::Failed("timeout")),
-                (slow_once, Outcome::Stored),
-                (fine, Outcome::Stored),
-            ],
-        )
-        .await?;
-        check_failure(&failures[&slow], sent_at, RETRY_DEADLINE, &["300ms"])?;
-        let attempts = upstream.attempts(slow).len();
-        ensure!(attempts >= 2, "a timeout is retried: {attempts} attempt(s)");
-        ensure!(upstream.attempts(slow_once).len() == 2);
-        healthy(&service).await?;
+        let slow = |id| Reply::late(Duration::from_secs(5), Reply::online(id));
+        retried_fault(10, slow, FAST_FAULTS, RETRY_DEADLINE, "timeout", &["300ms"]).await?;
         Ok(())
     })
     .await
@@ -703,37 +725,11 @@ async fn upstream_slow_past_the_timeout_is_retried_then_recorded_as_timeout() ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_5xx_is_retried_then_recorded_with_its_status() -> anyhow::Result<()> {
     bounded(async {
-        let (broken, broken_once, fine) = (20, 21, 22);
-        let upstream = FakeUpstream::start(move |id, attempt| match id {
-            _ if id == broken => Reply::Status {
-                status: 503,
-                retry_after: None,
-            },
-            _ if id == broken_once && attempt == 1 => Reply::Status {
-                status: 500,
-                retry_after: None,
-            },
-            _ => Reply::online(id),
-        })
-        .await?;
-        let service = start_on_sqlite(&upstream.base_url(), FAST_FAULTS).await?;
-
-        let sent_at = accept(&service, &[broken, broken_once, fine]).await?;
-        stored_while_still_retrying(&service, fine, broken).await?;
-        let failures = settled(
-            &service,
-            &[
-                (broken, Outcome::Failed("status")),
-                (broken_once, Outcome::Stored),
-                (fine, Outcome::Stored),
-            ],
-        )
-        .await?;
-        check_failure(&failures[&broken], sent_at, RETRY_DEADLINE, &["503"])?;
-        let attempts = upstream.attempts(broken).len();
-        ensure!(attempts >= 2, "a 5xx is retried: {attempts} attempt(s)");
-        ensure!(upstream.attempts(broken_once).len() == 2);
-        healthy(&service).await?;
+        let broken = |_| Reply::Status {
+            status: 503,
+            retry_after: None,
+        };
+        retried_fault(20, broken, FAST_FAULTS, RETRY_DEADLINE, "status", &["503"]).await?;
         Ok(())
     })
     .await
@@ -742,48 +738,22 @@ async fn upstream_5xx_is_retried_then_recorded_with_its_status() -> anyhow::Resu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_429_is_retried_after_its_retry_after_then_recorded() -> anyhow::Result<()> {
     bounded(async {
-        let (limited, limited_once, fine) = (30, 31, 32);
-        let too_many = Reply::Status {
+        let too_many = |_| Reply::Status {
             status: 429,
             retry_after: Some("1"),
         };
-        let upstream = FakeUpstream::start(move |id, attempt| match id {
-            _ if id == limited => too_many.clone(),
-            _ if id == limited_once && attempt == 1 => too_many.clone(),
-            _ => Reply::online(id),
-        })
-        .await?;
         // Room for one retry after the one second the upstream asks for.
         let env = settings(&[("CALLBACK_UPSTREAM__RETRY_DEADLINE_MS", "2000")]);
-        let service = start_on_sqlite(&upstream.base_url(), &env).await?;
-
-        let sent_at = accept(&service, &[limited, limited_once, fine]).await?;
-        stored_while_still_retrying(&service, fine, limited).await?;
-        let failures = settled(
-            &service,
-            &[
-                (limited, Outcome::Failed("status")),
-                (limited_once, Outcome::Stored),
-                (fine, Outcome::Stored),
-            ],
-        )
-        .await?;
-        check_failure(
-            &failures[&limited],
-            sent_at,
-            Duration::from_secs(2),
-            &["429"],
-        )?;
-        for id in [limited, limited_once] {
+        let deadline = Duration::from_secs(2);
+        let upstream = retried_fault(30, too_many, &env, deadline, "status", &["429"]).await?;
+        for id in [30, 31] {
             let attempts = upstream.attempts(id);
-            ensure!(attempts.len() >= 2, "{id}: a 429 is retried: {attempts:?}");
             let waited = attempts[1] - attempts[0];
             ensure!(
                 waited >= Duration::from_secs(1),
                 "{id}: retried {waited:?} after a 429 that asked for 1 s"
             );
         }
-        healthy(&service).await?;
         Ok(())
     })
     .await
@@ -871,34 +841,8 @@ async fn upstream_answer_about_another_id_is_recorded_as_id_mismatch() -> anyhow
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_reset_mid_body_is_retried_then_recorded_as_unreachable() -> anyhow::Result<()> {
     bounded(async {
-        let (reset, reset_once, fine) = (60, 61, 62);
-        let upstream = FakeUpstream::start(move |id, attempt| match id {
-            _ if id == reset => Reply::ResetMidBody,
-            _ if id == reset_once && attempt == 1 => Reply::ResetMidBody,
-            _ => Reply::online(id),
-        })
-        .await?;
-        let service = start_on_sqlite(&upstream.base_url(), FAST_FAULTS).await?;
-
-        let sent_at = accept(&service, &[reset, reset_once, fine]).await?;
-        stored_while_still_retrying(&service, fine, reset).await?;
-        let failures = settled(
-            &service,
-            &[
-                (reset, Outcome::Failed("unreachable")),
-                (reset_once, Outcome::Stored),
-                (fine, Outcome::Stored),
-            ],
-        )
-        .await?;
-        check_failure(&failures[&reset], sent_at, RETRY_DEADLINE, &[])?;
-        let attempts = upstream.attempts(reset).len();
-        ensure!(
-            attempts >= 2,
-            "a broken connection is retried: {attempts} attempt(s)"
-        );
-        ensure!(upstream.attempts(reset_once).len() == 2);
-        healthy(&service).await?;
+        let reset = |_| Reply::ResetMidBody;
+        retried_fault(60, reset, FAST_FAULTS, RETRY_DEADLINE, "unreachable", &[]).await?;
         Ok(())
     })
     .await

@@ -13,7 +13,6 @@
 use std::collections::BTreeSet;
 use std::convert::Infallible;
 use std::fmt;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,8 +26,7 @@ use futures_util::FutureExt as _;
 use http::{HeaderName, HeaderValue, Method, header};
 use http_body_util::BodyExt as _;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use serde::Deserializer as _;
 use serde::de::{IgnoredAny, MapAccess, Visitor};
 use serde_json::Value;
@@ -40,6 +38,7 @@ use crate::api::{self, ApiState};
 use crate::callback::parse_callback;
 use crate::json::Reply;
 use crate::router::Router;
+use crate::server;
 
 /// What `POST /callback` answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -537,7 +536,7 @@ impl Harness {
     /// Serves one in-memory connection: writes `bytes`, ends as `end` says, returns what
     /// the server sent and whether it closed before [`Harness::DEADLINE`].
     fn talk(&self, bytes: &[u8], end: ClientEnd) -> (Vec<u8>, bool) {
-        let builder = connection_builder(&self.config);
+        let builder = server::connection_builder(&server::Settings::from(&self.config));
         let router = Arc::clone(&self.router);
         let state = Arc::clone(&self.state);
         let first_request_timeout = self.config.header_read_timeout;
@@ -553,7 +552,11 @@ impl Harness {
             });
             let server = tokio::spawn(async move {
                 let conn = builder.serve_connection(TokioIo::new(server_io), service);
-                drive_connection(conn, first_request, first_request_timeout).await;
+                // The real listener's driver; the connection cap is not under test.
+                let permit = Arc::new(tokio::sync::Semaphore::new(1))
+                    .try_acquire_owned()
+                    .expect("a fresh semaphore has a permit");
+                server::drive_connection(conn, first_request, first_request_timeout, permit).await;
             });
 
             let (mut reader, mut writer) = tokio::io::split(client);
@@ -579,35 +582,6 @@ impl Harness {
             (output, closed)
         })
     }
-}
-
-/// The HTTP/1 and HTTP/2 settings of the real listener (`server::connection_builder`).
-fn connection_builder(config: &HttpConfig) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(config.http2_keep_alive_interval)
-        .keep_alive_timeout(Duration::from_secs(20));
-    builder
-}
-
-/// Drives one connection, closing it when no request arrives in time, as the real listener
-/// does (`server::drive_connection`).
-async fn drive_connection<F: Future>(conn: F, first_request: Arc<Notify>, timeout: Duration) {
-    tokio::pin!(conn);
-    tokio::select! {
-        biased;
-        _ = &mut conn => return,
-        () = first_request.notified() => {}
-        () = tokio::time::sleep(timeout) => return,
-    }
-    let _ = conn.await;
 }
 
 /// Splits what a server sent into HTTP/1 responses (bodies delimited by `content-length`,

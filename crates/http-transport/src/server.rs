@@ -44,7 +44,8 @@ impl From<&HttpConfig> for Settings {
     }
 }
 
-fn connection_builder(settings: &Settings) -> auto::Builder<TokioExecutor> {
+/// The HTTP/1 and HTTP/2 settings of every connection of a listener.
+pub(crate) fn connection_builder(settings: &Settings) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -190,7 +191,7 @@ where
 ///
 /// hyper's own header read timeout only starts once HTTP/1 was recognised; this one also
 /// covers a client that sends nothing, or part of the HTTP/2 preface.
-async fn drive_connection<F, E>(
+pub(crate) async fn drive_connection<F, E>(
     conn: F,
     first_request: Arc<Notify>,
     first_request_timeout: Duration,
