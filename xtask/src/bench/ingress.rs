@@ -161,15 +161,18 @@ pub async fn run(
     cluster: Option<&Cluster>,
     seconds: Duration,
     connections: usize,
+    trace_sample: Option<f64>,
 ) -> anyhow::Result<Outcome> {
     let options = StackOptions {
         latency_ms: (0, 5),
         ttl_ms: None,
+        trace_sample,
     };
     let mut stack = Stack::start(bins, cluster, "ingress", options).await?;
     eprintln!(
-        "bench: ingress, {connections} connections, {} s",
-        seconds.as_secs()
+        "bench: ingress, {connections} connections, {} s, traces {}",
+        seconds.as_secs(),
+        trace_sample.map_or("off".to_owned(), |r| format!("exported, sampled at {r}"))
     );
     let rss_fresh = stack.service.rss_bytes();
     warm_up(stack.api, connections).await.context("warm up")?;
@@ -185,7 +188,11 @@ pub async fn run(
         .context("read the store")?;
     let rss_peak = stack.service.rss_peak_bytes();
     let (rss_after, settled_in) = rss_after(&stack.service, rss_start).await;
+    let span_batches = stack.zipkin.as_ref().map(super::zipkin::Sink::batches);
     stack.stop().await?;
+    if let Some(batches) = span_batches {
+        eprintln!("bench: the zipkin sink received {batches} span batches");
+    }
 
     let sorted = report::sorted(tally.latencies_ms);
     let (p50, p99, p999) = (

@@ -24,6 +24,7 @@ mod real;
 mod report;
 mod soak;
 mod store;
+mod zipkin;
 
 pub use procs::terminate;
 
@@ -79,6 +80,10 @@ pub struct Args {
     /// soak: fresh ids per second, besides the reference client
     #[arg(long, value_name = "IDS_PER_S", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..))]
     soak_rate: u64,
+    /// ingress: export traces to a discarding Zipkin collector, sampling this ratio (0–1) of
+    /// callbacks; compare with a run without it for what telemetry costs
+    #[arg(long, value_name = "RATIO")]
+    trace_sample: Option<f64>,
 }
 
 /// What a benchmark measures.
@@ -144,7 +149,14 @@ async fn run_scenario(
     match scenario {
         Scenario::Ingress => {
             let connections = usize::try_from(args.connections)?;
-            ingress::run(bins, cluster, args.seconds(20), connections).await
+            ingress::run(
+                bins,
+                cluster,
+                args.seconds(20),
+                connections,
+                args.trace_sample,
+            )
+            .await
         }
         Scenario::Pipeline => {
             let options = pipeline::Options {
@@ -176,6 +188,12 @@ async fn run_scenario(
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(ratio) = args.trace_sample {
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&ratio),
+            "--trace-sample must be between 0 and 1, got {ratio}"
+        );
+    }
     let scenarios = args.scenarios();
     let root = crate::workspace_root()?;
     let bins = procs::build_release(&root).await?;

@@ -321,6 +321,7 @@ pub async fn run(
     let stack_options = StackOptions {
         latency_ms: (0, 5),
         ttl_ms: options.ttl_ms,
+        trace_sample: None,
     };
     let mut stack = Stack::start(bins, cluster, "pipeline", stack_options).await?;
     let deadline_us = i64::try_from(options.deadline.as_micros()).unwrap_or(i64::MAX);

@@ -236,6 +236,8 @@ pub struct Stack {
     pub api: SocketAddr,
     /// The service's admin listener (`GET /metrics`).
     pub admin: SocketAddr,
+    /// The discarding Zipkin collector, when traces are exported.
+    pub zipkin: Option<super::zipkin::Sink>,
     work: WorkDir,
 }
 
@@ -246,6 +248,9 @@ pub struct StackOptions {
     pub latency_ms: (u64, u64),
     /// The service's `expiry.ttl_ms`; `None` keeps its default (30 s).
     pub ttl_ms: Option<u64>,
+    /// Export traces to a discarding Zipkin collector, sampling this ratio of callbacks
+    /// (`telemetry.sample_ratio`); `None` leaves export off.
+    pub trace_sample: Option<f64>,
 }
 
 impl Stack {
@@ -291,6 +296,16 @@ impl Stack {
         if let Some(ttl_ms) = options.ttl_ms {
             command.env("CALLBACK_EXPIRY__TTL_MS", ttl_ms.to_string());
         }
+        let zipkin = match options.trace_sample {
+            Some(ratio) => {
+                let sink = super::zipkin::Sink::start().await?;
+                command
+                    .env("CALLBACK_TELEMETRY__ZIPKIN_ENDPOINT", sink.endpoint())
+                    .env("CALLBACK_TELEMETRY__SAMPLE_RATIO", ratio.to_string());
+                Some(sink)
+            }
+            None => None,
+        };
         let mut service = Proc::spawn(&mut command).context("start callback-service")?;
         let api = service
             .address("api listening")
@@ -306,6 +321,7 @@ impl Stack {
             upstream,
             api,
             admin,
+            zipkin,
             work,
         })
     }

@@ -159,6 +159,7 @@ pub async fn run(
     let stack_options = StackOptions {
         latency_ms: (300, 4000),
         ttl_ms: Some(options.ttl_ms),
+        trace_sample: None,
     };
     let mut stack = Stack::start(bins, cluster, "real", stack_options).await?;
     eprintln!(

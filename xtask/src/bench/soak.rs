@@ -117,6 +117,7 @@ pub async fn run(
     let stack_options = StackOptions {
         latency_ms: (1, 50),
         ttl_ms: options.ttl_ms,
+        trace_sample: None,
     };
     let mut stack = Stack::start(bins, cluster, "soak", stack_options).await?;
     eprintln!(
