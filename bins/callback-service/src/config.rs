@@ -238,6 +238,8 @@ pub struct PipelineSection {
     pub lease_ms: u64,
     /// How often to look for ids whose lease ran out and to refresh the backlog figures.
     pub poll_interval_ms: u64,
+    /// How long an id requested again during its fetch waits after it before the next one.
+    pub refetch_delay_ms: u64,
 }
 
 impl Default for PipelineSection {
@@ -249,6 +251,7 @@ impl Default for PipelineSection {
             max_group: 1_024,
             lease_ms: 30_000,
             poll_interval_ms: 1_000,
+            refetch_delay_ms: 250,
         }
     }
 }

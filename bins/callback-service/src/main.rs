@@ -142,6 +142,7 @@ async fn run(config: Config, metrics: telemetry::metrics::MetricsHandle) -> anyh
             max_group: config.pipeline.max_group,
             lease: ms(config.pipeline.lease_ms),
             poll_interval: ms(config.pipeline.poll_interval_ms),
+            refetch_delay: ms(config.pipeline.refetch_delay_ms),
             owner,
             ..PipelineConfig::default()
         },

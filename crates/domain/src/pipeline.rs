@@ -51,6 +51,11 @@ pub struct PipelineConfig {
     /// How often to look for ids whose lease ran out (another instance died) and to
     /// refresh the backlog figures.
     pub poll_interval: Duration,
+    /// How long an id requested again while it was being fetched waits, after that fetch,
+    /// before its next fetch: requests arriving meanwhile share it. Bounds the fetch rate
+    /// of a hot id to one per `refetch_delay` plus the upstream's answer time, at the cost
+    /// of that much extra lag for repeated requests.
+    pub refetch_delay: Duration,
     /// The first pause after a failed inbox operation; it doubles up to five seconds.
     pub retry_base: Duration,
     /// The name leases are taken under; unique per running instance.
@@ -67,6 +72,7 @@ impl Default for PipelineConfig {
             max_pending_ids: 1_000_000,
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
+            refetch_delay: Duration::from_millis(250),
             retry_base: Duration::from_millis(100),
             owner: "callback-service".to_owned(),
         }
@@ -159,6 +165,9 @@ struct Shared {
     metrics: PipelineMetrics,
     /// Wakes the dispatcher: new work committed, or capacity freed.
     work_ready: Notify,
+    /// When ids handed back for a refetch become claimable (microseconds since the epoch on
+    /// the pipeline's clock; `i64::MAX` for none): the dispatcher wakes then.
+    next_claimable: AtomicI64,
     closed: AtomicBool,
 }
 
@@ -347,6 +356,7 @@ impl Pipeline {
             },
             metrics: PipelineMetrics::register(),
             work_ready: Notify::new(),
+            next_claimable: AtomicI64::new(i64::MAX),
             closed: AtomicBool::new(false),
         });
         let stop_claiming = CancellationToken::new();
@@ -518,6 +528,20 @@ async fn dispatch(
         }
         while fetches.try_join_next().is_some() {}
         wait = shared.config.poll_interval;
+        // Ids handed back for a refetch become claimable at `next_claimable`: wake then.
+        let now = shared.clock.now().as_unix_micros();
+        let due = shared.next_claimable.load(Ordering::Acquire);
+        if due <= now {
+            let _ = shared.next_claimable.compare_exchange(
+                due,
+                i64::MAX,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+        } else if due != i64::MAX {
+            let until = Duration::from_micros(u64::try_from(due - now).unwrap_or(u64::MAX));
+            wait = wait.min(until);
+        }
         loop {
             let free = permits.available_permits();
             if free == 0 || stop.is_cancelled() {
@@ -730,8 +754,20 @@ async fn settle_with_retries(
     let mut pause = shared.config.retry_base;
     loop {
         let started = tokio::time::Instant::now();
-        match shared.db.complete(&shared.config.owner, completions).await {
+        let again_from = shared
+            .clock
+            .now()
+            .saturating_add(shared.config.refetch_delay);
+        match shared
+            .db
+            .complete(&shared.config.owner, completions, again_from)
+            .await
+        {
             Ok(()) => {
+                // Ids requested again during their fetch are claimable from `again_from`.
+                shared
+                    .next_claimable
+                    .fetch_min(again_from.as_unix_micros(), Ordering::AcqRel);
                 let m = &shared.metrics;
                 m.batch_duration.record(metrics::seconds(started.elapsed()));
                 m.batch_size.record(completions.len() as f64);

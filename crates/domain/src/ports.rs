@@ -289,15 +289,17 @@ pub trait Inbox: Send + Sync + 'static {
 
     /// Settles claims of `owner` in one transaction: upserts the online objects (as
     /// [`ObjectStore::upsert_seen`] does), records the failures, removes each id still
-    /// leased to `owner` whose generation is the claimed one, and frees the lease of those
-    /// requested again since they were claimed so they are fetched once more. An id no
-    /// longer leased to `owner` (its lease ran out and another instance took it over) is
-    /// left to its new holder, so a late completion never removes a newer request.
+    /// leased to `owner` whose generation is the claimed one, and hands back those
+    /// requested again since they were claimed so they are fetched once more, claimable
+    /// from `again_from` on (a short pause lets more requests share that next fetch). An
+    /// id no longer leased to `owner` (its lease ran out and another instance took it over)
+    /// is left to its new holder, so a late completion never removes a newer request.
     /// `done` names each id once.
     fn complete<'a>(
         &'a self,
         owner: &'a str,
         done: &'a [Completion],
+        again_from: Timestamp,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
 
     /// Frees the leases held by `owner`, or every lease when `owner` is `None` (at the

@@ -78,8 +78,9 @@ macro_rules! delegate_ports {
                 &'a self,
                 owner: &'a str,
                 done: &'a [::domain::Completion],
+                again_from: ::domain::Timestamp,
             ) -> ::domain::BoxFuture<'a, Result<(), ::domain::StoreError>> {
-                Box::pin(self.complete_claims(owner, done))
+                Box::pin(self.complete_claims(owner, done, again_from))
             }
 
             fn release<'a>(&'a self, owner: Option<&'a str>) -> ::domain::BoxFuture<'a, Result<u64, ::domain::StoreError>> {

@@ -564,3 +564,33 @@ async fn concurrent_callbacks_cannot_overshoot_the_backlog_bound_together() {
     assert!(rig.stats().pending_ids <= 5);
     assert_eq!(rig.store.inbox_len(), 3);
 }
+
+#[tokio::test(start_paused = true)]
+async fn requests_during_a_fetch_and_its_refetch_delay_share_one_more_fetch() {
+    let rig = Rig::new(PipelineConfig {
+        refetch_delay: Duration::from_millis(250),
+        ..PipelineConfig::default()
+    });
+    let t0 = Instant::now();
+    rig.submit(&[2]).await.unwrap();
+    sleep(LATENCY / 2).await;
+    rig.submit(&[2]).await.unwrap(); // during the first fetch
+    sleep(LATENCY / 2 + Duration::from_millis(100)).await;
+    rig.submit(&[2]).await.unwrap(); // after it, during the refetch delay
+    sleep(LATENCY * 3).await;
+
+    let fetches = rig.source.fetches();
+    assert_eq!(fetches.len(), 2, "{fetches:?}");
+    let gap = fetches[1].started - fetches[0].started;
+    assert!(
+        gap >= LATENCY + Duration::from_millis(250),
+        "the second fetch waits out the delay after the first: {gap:?}"
+    );
+    assert!(
+        gap < LATENCY + Duration::from_millis(300),
+        "and no longer: {gap:?}"
+    );
+    assert!(fetches[0].started - t0 < Duration::from_millis(10));
+    assert_eq!(rig.store.inbox_len(), 0);
+    assert!(rig.stored(2).await.is_some());
+}

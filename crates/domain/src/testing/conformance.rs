@@ -225,6 +225,7 @@ macro_rules! inbox_conformance {
             inbox_failures_are_pruned_to_the_newest_ten_thousand,
             inbox_every_request_is_served_by_a_later_fetch,
             inbox_keeps_the_trace_context_of_the_newest_traced_request,
+            inbox_an_id_requested_again_is_claimable_from_the_given_instant,
         }
     };
     ($fixture:expr $(,)?) => {
@@ -687,8 +688,12 @@ async fn claim_until(
         .expect("claim failed")
 }
 
+/// Completes `done`; ids requested again are claimable at once (from the cases' first
+/// instant).
 async fn complete(db: &dyn Database, owner: &str, done: &[Completion]) {
-    db.complete(owner, done).await.expect("complete failed");
+    db.complete(owner, done, at(0))
+        .await
+        .expect("complete failed");
 }
 
 async fn backlog(db: &dyn Database) -> Backlog {
@@ -1508,4 +1513,31 @@ pub async fn inbox_keeps_the_trace_context_of_the_newest_traced_request(db: Arc<
         [(1, text(&a)), (2, text(&b))],
         "the fetches of the new requests join the newest traced request"
     );
+}
+
+/// An id requested again during its fetch is handed back by `complete` claimable only from
+/// the instant given, by any instance; it is nobody's lease meanwhile (releasing every
+/// lease does not count it), and it still counts as waiting.
+pub async fn inbox_an_id_requested_again_is_claimable_from_the_given_instant(
+    db: Arc<dyn Database>,
+) {
+    let db = &*db;
+    enqueue(db, &[4, 5], at(0)).await;
+    assert_eq!(
+        by_id(&claim(db, OWNER_A, at(1), 10).await),
+        [(4, 1), (5, 1)]
+    );
+    enqueue(db, &[4], at(2)).await; // requested again during the fetch
+    db.complete(OWNER_A, &[offline(4, 1), offline(5, 1)], at(100))
+        .await
+        .expect("complete failed");
+
+    assert_eq!(backlog(db).await.pending, 1);
+    assert_eq!(
+        claim(db, OWNER_B, at(99), 10).await,
+        [],
+        "not before at(100)"
+    );
+    assert_eq!(db.release(None).await.expect("release failed"), 0);
+    assert_eq!(claim(db, OWNER_B, at(100), 10).await, [claimed(4, 2)]);
 }

@@ -53,6 +53,8 @@ impl Clock for PausedClock {
 struct InboxRow {
     generation: i64,
     requested_at: Timestamp,
+    /// `(holder, until)`; an empty holder is a row handed back for a refetch, claimable
+    /// at `until` and held by nobody (the adapters' NULL owner with a `lease_until`).
     lease: Option<(String, Timestamp)>,
     trace: Option<TraceParent>,
 }
@@ -304,6 +306,7 @@ impl Inbox for MemoryStore {
         &'a self,
         owner: &'a str,
         done: &'a [Completion],
+        again_from: Timestamp,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             self.check()?;
@@ -338,7 +341,8 @@ impl Inbox for MemoryStore {
                     if row.generation == completion.claim.generation {
                         inbox.remove(&id);
                     } else {
-                        row.lease = None;
+                        // Nobody's lease, running out at `again_from`: claimable then.
+                        row.lease = Some((String::new(), again_from));
                     }
                 }
             }
@@ -352,7 +356,7 @@ impl Inbox for MemoryStore {
             let mut freed = 0;
             for row in self.inbox.lock().unwrap().values_mut() {
                 let held = match (&row.lease, owner) {
-                    (Some(_), None) => true,
+                    (Some((holder, _)), None) => !holder.is_empty(),
                     (Some((holder, _)), Some(owner)) => holder == owner,
                     (None, _) => false,
                 };

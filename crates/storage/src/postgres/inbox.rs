@@ -117,6 +117,8 @@ pub(super) struct Completion {
     pub(super) online: Option<UpsertBatch>,
     pub(super) failures: Vec<FailureRow>,
     pub(super) claims: Vec<(i64, i64)>,
+    /// When ids requested again since their claim become claimable.
+    pub(super) again_from: PgTimestamp,
 }
 
 impl Completion {
@@ -132,13 +134,14 @@ impl Completion {
             online,
             failures,
             claims,
+            again_from,
         } = self;
         conn.transaction(async move |conn| {
             if let Some(online) = online {
                 online.execute(conn).await?;
             }
             record_failures(conn, &failures).await?;
-            settle(conn, &owner, &claims).await
+            settle(conn, &owner, &claims, again_from).await
         })
         .await
     }
@@ -182,12 +185,14 @@ async fn record_failures(conn: &mut AsyncPgConnection, failures: &[FailureRow]) 
 }
 
 /// Locks the claimed rows still in the inbox and leased to `owner` in id order, removes
-/// those whose generation is unchanged and frees the leases of the others; rows another
+/// those whose generation is unchanged and hands the others back, claimable from
+/// `again_from` (no owner, `lease_until` = `again_from`); rows another
 /// instance has taken over are left alone.
 async fn settle(
     conn: &mut AsyncPgConnection,
     owner: &str,
     claims: &[(i64, i64)],
+    again_from: PgTimestamp,
 ) -> QueryResult<()> {
     if claims.is_empty() {
         return Ok(());
@@ -211,7 +216,7 @@ async fn settle(
         diesel::update(inbox::table.filter(inbox::object_id.eq_any(&again)))
             .set((
                 inbox::lease_owner.eq(None::<String>),
-                inbox::lease_until.eq(None::<PgTimestamp>),
+                inbox::lease_until.eq(again_from),
             ))
             .execute(conn)
             .await?;

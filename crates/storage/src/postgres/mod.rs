@@ -673,7 +673,12 @@ impl PgStore {
     }
 
     #[tracing::instrument(level = "debug", name = "postgres.complete", skip_all, fields(claims = done.len()))]
-    async fn complete_claims(&self, owner: &str, done: &[Completion]) -> Result<(), StoreError> {
+    async fn complete_claims(
+        &self,
+        owner: &str,
+        done: &[Completion],
+        again_from: Timestamp,
+    ) -> Result<(), StoreError> {
         let settlement = Settlement::new(done)?;
         if settlement.is_empty() {
             return Ok(());
@@ -706,6 +711,7 @@ impl PgStore {
             online: (!online.is_empty()).then(|| UpsertBatch::new(online)),
             failures,
             claims: settlement.claims,
+            again_from: to_pg(again_from)?,
         };
         self.run(move |mut conn| async move { completion.execute(&mut conn).await })
             .await

@@ -384,6 +384,7 @@ async fn an_enqueue_is_one_statement_and_a_completion_one_transaction() {
                     outcome: Outcome::Offline,
                 },
             ],
+            t(0),
         )
         .await
         .expect("complete");
@@ -485,6 +486,7 @@ async fn a_failing_completion_changes_nothing() {
                     outcome: Outcome::Offline,
                 },
             ],
+            t(0),
         )
         .await
         .expect_err("the trigger fails the transaction");

@@ -94,20 +94,22 @@ impl From<FailureRecord> for FailureRow {
 }
 
 /// Settles claims in one immediate transaction: upserts `online`, records `failures`,
-/// removes the claimed rows whose generation is unchanged and frees the others' leases.
-/// `claims` are `(id, generation)`, ascending by id, each id once.
+/// removes the claimed rows whose generation is unchanged and hands the others back,
+/// claimable from `again_from`. `claims` are `(id, generation)`, ascending by id, each id
+/// once.
 pub(super) fn complete(
     conn: &mut SqliteConnection,
     owner: &str,
     online: &[Row],
     failures: &[FailureRow],
     claims: &[(i64, i64)],
+    again_from: i64,
 ) -> QueryResult<()> {
     conn.immediate_transaction(|conn| {
         write::upsert_rows(conn, online)?;
         record_failures(conn, failures)?;
         for chunk in claims.chunks(MAX_IDS_PER_STATEMENT) {
-            settle(conn, owner, chunk)?;
+            settle(conn, owner, chunk, again_from)?;
         }
         Ok(())
     })
@@ -147,9 +149,15 @@ fn record_failures(conn: &mut SqliteConnection, failures: &[FailureRow]) -> Quer
 }
 
 /// Settles one chunk of claims: reads the generations of the claimed rows still leased to
-/// `owner`, removes the unchanged ones and frees the leases of the others; rows another
+/// `owner`, removes the unchanged ones and hands the others back, claimable from
+/// `again_from` (no owner, `lease_until` = `again_from`); rows another
 /// instance has taken over are left alone.
-fn settle(conn: &mut SqliteConnection, owner: &str, claims: &[(i64, i64)]) -> QueryResult<()> {
+fn settle(
+    conn: &mut SqliteConnection,
+    owner: &str,
+    claims: &[(i64, i64)],
+    again_from: i64,
+) -> QueryResult<()> {
     let ids: Vec<i64> = claims.iter().map(|claim| claim.0).collect();
     let current: Vec<(i64, i64)> = inbox::table
         .filter(inbox::object_id.eq_any(&ids))
@@ -164,7 +172,7 @@ fn settle(conn: &mut SqliteConnection, owner: &str, claims: &[(i64, i64)]) -> Qu
         diesel::update(inbox::table.filter(inbox::object_id.eq_any(&again)))
             .set((
                 inbox::lease_owner.eq(None::<String>),
-                inbox::lease_until.eq(None::<i64>),
+                inbox::lease_until.eq(again_from),
             ))
             .execute(conn)?;
     }

@@ -372,7 +372,12 @@ impl SqliteStore {
     }
 
     #[tracing::instrument(level = "debug", name = "sqlite.complete", skip_all, fields(claims = done.len()))]
-    async fn complete_claims(&self, owner: &str, done: &[Completion]) -> Result<(), StoreError> {
+    async fn complete_claims(
+        &self,
+        owner: &str,
+        done: &[Completion],
+        again_from: Timestamp,
+    ) -> Result<(), StoreError> {
         let settlement = Settlement::new(done)?;
         if settlement.is_empty() {
             return Ok(());
@@ -385,9 +390,10 @@ impl SqliteStore {
             .collect();
         let claims = settlement.claims;
         let owner = owner.to_owned();
+        let again_from = again_from.as_unix_micros();
         self.run(Access::Write, move |mut conn| async move {
             conn.spawn_blocking(move |conn| {
-                inbox::complete(conn, &owner, &online, &failures, &claims)
+                inbox::complete(conn, &owner, &online, &failures, &claims, again_from)
             })
             .await
         })

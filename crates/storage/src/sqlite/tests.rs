@@ -427,6 +427,7 @@ async fn a_failing_completion_changes_nothing() {
                     outcome: Outcome::Offline,
                 },
             ],
+            t(0),
         )
         .await
         .expect_err("the trigger fails the transaction");
