@@ -486,9 +486,11 @@ async fn ingest(shared: Arc<Shared>, mut requests: mpsc::Receiver<Request>, max_
                 m.group_commits.increment(1);
                 m.callbacks_accepted.increment(batch.len() as u64);
                 m.ids_accepted.increment(accepted_ids as u64);
-                // The callbacks reserved their ids as pending when they were admitted (an
-                // upper bound: ids shared with waiting ones count twice until the monitor
-                // reads the real figure).
+                // The callbacks reserved their ids as pending when they were admitted; ids
+                // several of them named are one inbox row: keep one each. (Still an upper
+                // bound, ids already waiting count again, until the monitor reads the real
+                // figure.)
+                shared.release_pending(accepted_ids.saturating_sub(ids.len()) as u64);
                 shared.work_ready.notify_one();
             }
             Err(err) => {
