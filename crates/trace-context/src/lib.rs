@@ -49,6 +49,13 @@ pub fn set_parent(span: &tracing::Span, headers: &HeaderMap) {
     if !ENABLED.load(Ordering::Relaxed) {
         return;
     }
+    // Most requests carry no trace context: skip the propagators' work for them.
+    let carries_context = headers.contains_key("traceparent")
+        || headers.contains_key("x-b3-traceid")
+        || headers.contains_key("b3");
+    if !carries_context {
+        return;
+    }
     let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
         propagator.extract(&HeaderExtractor(headers))
     });
