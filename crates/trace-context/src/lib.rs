@@ -66,6 +66,10 @@ pub fn set_parent(span: &tracing::Span, headers: &HeaderMap) {
 
 /// The domain's [`TracePropagation`] port over OpenTelemetry: a span's context as W3C
 /// `traceparent` text (version 00), and back. Inert until [`enable`] is called.
+///
+/// Only a *sampled* context is carried: an unsampled callback's ids cost the inbox nothing
+/// (no text stored per id), and their fetches are sampled on their own at the configured
+/// ratio, like any work without a parent.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Propagation;
 
@@ -77,8 +81,7 @@ impl TracePropagation for Propagation {
         let context = tracing::Span::current().context();
         let span = context.span();
         let span_context = span.span_context();
-        span_context
-            .is_valid()
+        (span_context.is_valid() && span_context.is_sampled())
             .then(|| TraceParent::new(&format_traceparent(span_context)))
             .flatten()
     }
