@@ -1,10 +1,10 @@
-//! The storage adapters' Prometheus series: the PostgreSQL connection pool.
+//! The storage adapters' Prometheus series: the connection pool (either backend).
 
 use metrics::{Gauge, Unit, describe_gauge, gauge};
 
-/// Pooled PostgreSQL connections, by `state` (`in_use`, `idle`).
+/// Pooled database connections, by `state` (`in_use`, `idle`).
 pub const DB_POOL_CONNECTIONS: &str = "db_pool_connections";
-/// Callers waiting for a pooled PostgreSQL connection.
+/// Callers waiting for a pooled database connection.
 pub const DB_POOL_WAITING: &str = "db_pool_waiting";
 
 /// Describes the storage series to the installed recorder (units and help text).
@@ -12,12 +12,12 @@ pub fn describe() {
     describe_gauge!(
         DB_POOL_CONNECTIONS,
         Unit::Count,
-        "pooled postgresql connections by state (in_use, idle), as of the last checkout or return"
+        "pooled database connections by state (in_use, idle), as of the last checkout or return"
     );
     describe_gauge!(
         DB_POOL_WAITING,
         Unit::Count,
-        "callers waiting for a pooled postgresql connection, as of the last checkout or return"
+        "callers waiting for a pooled database connection, as of the last checkout or return"
     );
 }
 

@@ -68,6 +68,7 @@ pub struct SqliteStore {
     writes: Arc<tokio::sync::Mutex<()>>,
     wait_timeout: Duration,
     path: PathBuf,
+    gauges: Arc<crate::metrics::PoolGauges>,
 }
 
 impl fmt::Debug for SqliteStore {
@@ -136,6 +137,7 @@ impl SqliteStore {
             writes: Arc::new(tokio::sync::Mutex::new(())),
             wait_timeout: options.wait_timeout,
             path,
+            gauges: Arc::new(crate::metrics::PoolGauges::register()),
         };
         store.ping_database().await.map_err(OpenError::Check)?;
         tracing::info!(
@@ -160,6 +162,7 @@ impl SqliteStore {
         let pool = self.pool.clone();
         let writes = Arc::clone(&self.writes);
         let wait_timeout = self.wait_timeout;
+        let gauges = Arc::clone(&self.gauges);
         let task = tokio::spawn(
             async move {
                 let _turn = match access {
@@ -175,7 +178,11 @@ impl SqliteStore {
                     ),
                 };
                 let conn = pool.get().await.map_err(pool_error)?;
-                op(conn).await.map_err(query_error)
+                gauges.observe(&pool.status());
+                let result = op(conn).await.map_err(query_error);
+                // The connection is back in the pool by now.
+                gauges.observe(&pool.status());
+                result
             }
             .in_current_span(),
         );
