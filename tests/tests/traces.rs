@@ -98,6 +98,19 @@ async fn connection(stream: TcpStream, answer: &Answer) -> anyhow::Result<()> {
     }
 }
 
+/// The id of a `GET /objects/{id}` path; -1 when the path names none.
+fn requested_id(path: &str) -> i64 {
+    path.strip_prefix("/objects/")
+        .and_then(|raw| raw.parse().ok())
+        .unwrap_or(-1)
+}
+
+/// The upstream's answer reporting the requested object online.
+fn online_answer(path: &str) -> (u16, String) {
+    let id = requested_id(path);
+    (200, json!({ "id": id, "online": true }).to_string())
+}
+
 /// A fake Zipkin collector: every `POST /api/v2/spans` body is parsed and kept.
 struct Collector {
     endpoint: String,
@@ -198,13 +211,9 @@ async fn one_callback_exports_its_request_and_fetch_spans_and_the_upstream_gets_
     let mut collector = Collector::start().await?;
     let (seen_tx, mut seen) = mpsc::unbounded_channel::<(i64, HashMap<String, String>)>();
     let upstream = serve(move |req| {
-        let id: i64 = req
-            .path
-            .strip_prefix("/objects/")
-            .and_then(|raw| raw.parse().ok())
-            .unwrap_or(-1);
-        let _ = seen_tx.send((id, req.headers));
-        (200, json!({ "id": id, "online": true }).to_string())
+        let (status, body) = online_answer(&req.path);
+        let _ = seen_tx.send((requested_id(&req.path), req.headers));
+        (status, body)
     })
     .await?;
     let mut service = Service::start(
@@ -383,12 +392,7 @@ async fn work_left_by_a_killed_instance_joins_the_callbacks_trace_after_the_rest
         if !up.load(std::sync::atomic::Ordering::SeqCst) {
             return (503, String::new());
         }
-        let id: i64 = req
-            .path
-            .strip_prefix("/objects/")
-            .and_then(|raw| raw.parse().ok())
-            .unwrap_or(-1);
-        (200, json!({ "id": id, "online": true }).to_string())
+        online_answer(&req.path)
     })
     .await?;
     let mut first = Service::start(

@@ -85,6 +85,40 @@ const MAX_RETRY_PAUSE: Duration = Duration::from_secs(5);
 /// counted and recorded in the failures table.
 const FAILURE_LINES_PER_SECOND: u32 = 10;
 
+/// Whether the upstream is failing: the cause of the latest fetch that found it down
+/// (unreachable, timed out, 5xx or 429 after every retry), until a fetch gets an answer.
+/// Every fetch reports here; while the upstream answers, that costs one atomic load.
+#[derive(Debug, Default)]
+struct UpstreamHealth {
+    failing: AtomicBool,
+    cause: std::sync::Mutex<String>,
+}
+
+impl UpstreamHealth {
+    /// Notes how one fetch ended: `error` if it failed.
+    fn note(&self, error: Option<&FetchError>) {
+        match error.filter(|err| err.is_transient()) {
+            Some(err) => {
+                *self.cause.lock().unwrap_or_else(|e| e.into_inner()) = err.to_string();
+                self.failing.store(true, Ordering::Release);
+            }
+            None if self.failing.load(Ordering::Relaxed) => {
+                self.failing.store(false, Ordering::Release);
+            }
+            None => {}
+        }
+    }
+
+    /// `Err` with the cause while the upstream is failing.
+    fn health(&self) -> Result<(), String> {
+        if self.failing.load(Ordering::Acquire) {
+            Err(self.cause.lock().unwrap_or_else(|e| e.into_inner()).clone())
+        } else {
+            Ok(())
+        }
+    }
+}
+
 /// Counters of what the pipeline did since start, and the inbox backlog.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PipelineStats {
@@ -158,9 +192,8 @@ struct Shared {
     propagation: Arc<dyn TracePropagation>,
     /// Bounds the "fetch failed" lines when many ids fail at once (upstream down).
     failure_log: LogBudget,
-    /// Whether the upstream is failing: the cause of the latest fetch that found it down
-    /// (unreachable, timed out, 5xx or 429 after every retry), until a fetch gets an answer.
-    upstream_failing: std::sync::Mutex<Option<String>>,
+    /// Whether the upstream is failing, as the latest fetches found it.
+    upstream: UpstreamHealth,
     counters: Counters,
     metrics: PipelineMetrics,
     /// Wakes the dispatcher: new work committed, or capacity freed.
@@ -300,15 +333,7 @@ impl PipelineHandle {
     /// `Err` with the cause while the upstream is failing: the latest fetch that ended
     /// found it unreachable, timing out or answering 5xx/429 after every retry.
     pub fn upstream_health(&self) -> Result<(), String> {
-        match &*self
-            .shared
-            .upstream_failing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-        {
-            Some(cause) => Err(cause.clone()),
-            None => Ok(()),
-        }
+        self.shared.upstream.health()
     }
 }
 
@@ -349,7 +374,7 @@ impl Pipeline {
             db,
             propagation,
             failure_log: LogBudget::new(FAILURE_LINES_PER_SECOND),
-            upstream_failing: std::sync::Mutex::new(None),
+            upstream: UpstreamHealth::default(),
             counters: Counters {
                 oldest: AtomicI64::new(i64::MIN),
                 ..Counters::default()
@@ -473,7 +498,7 @@ async fn ingest(shared: Arc<Shared>, mut requests: mpsc::Receiver<Request>, max_
                     }),
             );
         }
-        ids.sort_unstable_by_key(|requested| requested.id);
+        // No sorting here: the inbox adapters order the ids themselves (lock order).
         let outcome = shared.db.enqueue(&ids, shared.clock.now()).await;
         match &outcome {
             Ok(()) => {
@@ -618,18 +643,7 @@ async fn fetch(
     };
     m.fetch_duration.record(metrics::seconds(started.elapsed()));
     let now = shared.clock.now();
-    {
-        let down = answer.as_ref().err().filter(|err| err.is_transient());
-        let mut failing = shared
-            .upstream_failing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        match down {
-            Some(err) => *failing = Some(err.to_string()),
-            None if failing.is_some() => *failing = None,
-            None => {}
-        }
-    }
+    shared.upstream.note(answer.as_ref().err());
     let answer = answer.and_then(|status| {
         if status.id == id {
             Ok(status)

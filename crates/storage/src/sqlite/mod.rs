@@ -34,6 +34,14 @@ use crate::{OpenError, StoreOptions};
 /// The migrations of the SQLite backend, compiled into the binary.
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 
+/// The `busy_timeout` statement of [`SESSION_SETTINGS`], as a macro so `concat!` takes it
+/// and the health probe can set it back after its shorter wait.
+macro_rules! session_busy_timeout {
+    () => {
+        "PRAGMA busy_timeout = 5000;"
+    };
+}
+
 /// The session settings of every connection, applied in [`connect`] and nowhere else.
 ///
 /// `busy_timeout` (how long a statement waits for another writer's lock before it fails
@@ -41,14 +49,14 @@ const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 /// `synchronous = FULL` syncs the write-ahead log at every commit: an accepted write
 /// survives `kill -9` and power loss, not only a crash of the process.
 const SESSION_SETTINGS: &str = concat!(
-    "PRAGMA busy_timeout = 5000;",
+    session_busy_timeout!(),
     "PRAGMA journal_mode = WAL;",
     "PRAGMA synchronous = FULL;",
     "PRAGMA foreign_keys = ON;",
 );
 
 /// The session's `busy_timeout`, as [`SESSION_SETTINGS`] sets it.
-const SESSION_BUSY_TIMEOUT: &str = "PRAGMA busy_timeout = 5000;";
+const SESSION_BUSY_TIMEOUT: &str = session_busy_timeout!();
 
 /// How long the health probe waits for another process's write lock: a health check must
 /// answer quickly, and a lock held longer than this is worth reporting.

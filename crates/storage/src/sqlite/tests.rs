@@ -520,8 +520,3 @@ async fn ping_reports_a_file_another_process_holds_the_write_lock_of() {
         .expect("busy_timeout");
     assert_eq!(busy.timeout, 5_000);
 }
-
-#[test]
-fn the_session_busy_timeout_is_the_one_the_settings_apply() {
-    assert!(SESSION_SETTINGS.starts_with(SESSION_BUSY_TIMEOUT));
-}
