@@ -240,6 +240,8 @@ pub struct PipelineSection {
     pub poll_interval_ms: u64,
     /// How long an id requested again during its fetch waits after it before the next one.
     pub refetch_delay_ms: u64,
+    /// How long the first fetch outcome waits for others to share its store transaction.
+    pub store_linger_ms: u64,
 }
 
 impl Default for PipelineSection {
@@ -252,6 +254,7 @@ impl Default for PipelineSection {
             lease_ms: 30_000,
             poll_interval_ms: 1_000,
             refetch_delay_ms: 250,
+            store_linger_ms: 100,
         }
     }
 }

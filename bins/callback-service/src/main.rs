@@ -143,6 +143,7 @@ async fn run(config: Config, metrics: telemetry::metrics::MetricsHandle) -> anyh
             lease: ms(config.pipeline.lease_ms),
             poll_interval: ms(config.pipeline.poll_interval_ms),
             refetch_delay: ms(config.pipeline.refetch_delay_ms),
+            store_linger: ms(config.pipeline.store_linger_ms),
             owner,
             ..PipelineConfig::default()
         },

@@ -56,7 +56,8 @@ impl AcceptError {
 /// What `GET /` reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Health {
-    /// The database's answer to a ping.
+    /// The database's answer to a ping, or the error of the latest inbox write while
+    /// writes are failing.
     pub database: Result<(), StoreError>,
     /// `Err` with the cause while the upstream is failing. Callbacks are still accepted
     /// (they wait in the inbox), so this alone does not make the service unhealthy.
@@ -139,10 +140,14 @@ impl Application {
         self.store.list(self.clock.now(), after, limit).await
     }
 
-    /// Pings the database and reads the pipeline's counters.
+    /// Pings the database, adds whether its writes are failing, and reads the pipeline's
+    /// counters.
     pub async fn health(&self) -> Health {
         Health {
-            database: self.store.ping().await,
+            database: match self.store.ping().await {
+                Ok(()) => self.pipeline.write_health(),
+                Err(err) => Err(err),
+            },
             upstream: self.pipeline.upstream_health(),
             pipeline: self.pipeline.stats(),
         }

@@ -51,6 +51,10 @@ pub struct PipelineConfig {
     /// How often to look for ids whose lease ran out (another instance died) and to
     /// refresh the backlog figures.
     pub poll_interval: Duration,
+    /// How long the first outcome of a batch waits for more before the batch is committed,
+    /// unless the batch fills up or every fetch permit is taken first. Fewer, larger
+    /// completing transactions at low rates, for at most this much extra lag.
+    pub store_linger: Duration,
     /// How long an id requested again while it was being fetched waits, after that fetch,
     /// before its next fetch: requests arriving meanwhile share it. Bounds the fetch rate
     /// of a hot id to one per `refetch_delay` plus the upstream's answer time, at the cost
@@ -72,6 +76,7 @@ impl Default for PipelineConfig {
             max_pending_ids: 1_000_000,
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
+            store_linger: Duration::from_millis(100),
             refetch_delay: Duration::from_millis(250),
             retry_base: Duration::from_millis(100),
             owner: "callback-service".to_owned(),
@@ -84,6 +89,48 @@ const MAX_RETRY_PAUSE: Duration = Duration::from_secs(5);
 /// How many "fetch failed" lines are logged per second at most; every failure is still
 /// counted and recorded in the failures table.
 const FAILURE_LINES_PER_SECOND: u32 = 10;
+
+/// How long a failed inbox write keeps the database reported as failing when no write
+/// has been tried since: a health check that fails a service out of its load balancer
+/// must not keep it out for good once no callback comes to try again.
+const WRITE_FAILURE_REPORTED_FOR: Duration = Duration::from_secs(30);
+
+/// Whether inbox writes are failing (disk full, read-only file, I/O errors) although the
+/// database answers pings: the latest failed write, until a write succeeds or
+/// [`WRITE_FAILURE_REPORTED_FOR`] passes without another try. Every write reports here;
+/// while writes succeed, that costs one atomic load.
+#[derive(Debug, Default)]
+struct WriteHealth {
+    failing: AtomicBool,
+    latest: std::sync::Mutex<Option<(Timestamp, StoreError)>>,
+}
+
+impl WriteHealth {
+    fn note(&self, outcome: Result<(), &StoreError>, now: Timestamp) {
+        match outcome {
+            Err(err) => {
+                *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some((now, err.clone()));
+                self.failing.store(true, Ordering::Release);
+            }
+            Ok(()) if self.failing.load(Ordering::Relaxed) => {
+                self.failing.store(false, Ordering::Release);
+            }
+            Ok(()) => {}
+        }
+    }
+
+    fn health(&self, now: Timestamp) -> Result<(), StoreError> {
+        if !self.failing.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        match &*self.latest.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some((at, err)) if now < at.saturating_add(WRITE_FAILURE_REPORTED_FOR) => {
+                Err(err.clone())
+            }
+            _ => Ok(()),
+        }
+    }
+}
 
 /// Whether the upstream is failing: the cause of the latest fetch that found it down
 /// (unreachable, timed out, 5xx or 429 after every retry), until a fetch gets an answer.
@@ -194,10 +241,15 @@ struct Shared {
     failure_log: LogBudget,
     /// Whether the upstream is failing, as the latest fetches found it.
     upstream: UpstreamHealth,
+    /// Whether inbox writes are failing, as the latest ones found.
+    writes: WriteHealth,
     counters: Counters,
     metrics: PipelineMetrics,
-    /// Wakes the dispatcher: new work committed, or capacity freed.
+    /// Wakes the dispatcher: new work committed.
     work_ready: Notify,
+    /// Wakes the dispatcher when fetch permits free up; it listens only while its last
+    /// claim was cut short by the permits, so a settled batch does not cost an empty claim.
+    capacity_freed: Notify,
     /// When ids handed back for a refetch become claimable (microseconds since the epoch on
     /// the pipeline's clock; `i64::MAX` for none): the dispatcher wakes then.
     next_claimable: AtomicI64,
@@ -335,6 +387,13 @@ impl PipelineHandle {
     pub fn upstream_health(&self) -> Result<(), String> {
         self.shared.upstream.health()
     }
+
+    /// The error of the latest inbox write while writes are failing (the disk is full, say)
+    /// though the database may still answer reads; `Ok` once a write succeeds again, or
+    /// when none has been tried for a while.
+    pub fn write_health(&self) -> Result<(), StoreError> {
+        self.shared.writes.health(self.shared.clock.now())
+    }
 }
 
 /// The running pipeline: the ingest writer, the dispatcher with its fetches, the completer
@@ -375,12 +434,14 @@ impl Pipeline {
             propagation,
             failure_log: LogBudget::new(FAILURE_LINES_PER_SECOND),
             upstream: UpstreamHealth::default(),
+            writes: WriteHealth::default(),
             counters: Counters {
                 oldest: AtomicI64::new(i64::MIN),
                 ..Counters::default()
             },
             metrics: PipelineMetrics::register(),
             work_ready: Notify::new(),
+            capacity_freed: Notify::new(),
             next_claimable: AtomicI64::new(i64::MAX),
             closed: AtomicBool::new(false),
         });
@@ -402,6 +463,7 @@ impl Pipeline {
             Arc::clone(&shared),
             expiry,
             done_rx,
+            Arc::clone(&permits),
             max_batch,
             abort.clone(),
         ));
@@ -500,6 +562,9 @@ async fn ingest(shared: Arc<Shared>, mut requests: mpsc::Receiver<Request>, max_
         }
         // No sorting here: the inbox adapters order the ids themselves (lock order).
         let outcome = shared.db.enqueue(&ids, shared.clock.now()).await;
+        shared
+            .writes
+            .note(outcome.as_ref().map(|_| ()), shared.clock.now());
         match &outcome {
             Ok(()) => {
                 let c = &shared.counters;
@@ -547,10 +612,14 @@ async fn dispatch(
     let mut fetches = JoinSet::new();
     let mut pause = shared.config.retry_base;
     let mut wait = Duration::ZERO;
+    // Whether the last claim took every free permit, so more work may be claimable as
+    // soon as a permit frees up.
+    let mut starved = false;
     loop {
         tokio::select! {
             () = stop.cancelled() => return fetches,
             () = shared.work_ready.notified() => {}
+            () = shared.capacity_freed.notified(), if starved => {}
             () = tokio::time::sleep(wait) => {}
         }
         while fetches.try_join_next().is_some() {}
@@ -572,7 +641,8 @@ async fn dispatch(
         loop {
             let free = permits.available_permits();
             if free == 0 || stop.is_cancelled() {
-                break; // the completer wakes us when capacity frees up
+                starved = true; // the completer wakes us when capacity frees up
+                break;
             }
             let now = shared.clock.now();
             let lease_until = now.saturating_add(shared.config.lease);
@@ -594,6 +664,7 @@ async fn dispatch(
                 }
             };
             let claimed = claims.len();
+            starved = claimed == free;
             for claim in claims {
                 let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
                     break; // cannot happen: only this task takes permits
@@ -698,9 +769,11 @@ async fn complete(
     shared: Arc<Shared>,
     expiry: ExpiryWaker,
     mut done: mpsc::Receiver<Done>,
+    permits: Arc<Semaphore>,
     max_batch: usize,
     abort: CancellationToken,
 ) {
+    let linger = shared.config.store_linger;
     let mut received: Vec<Done> = Vec::with_capacity(max_batch);
     let mut carried: Vec<Done> = Vec::new();
     let mut seen = HashSet::new();
@@ -712,6 +785,21 @@ async fn complete(
             };
             if n == 0 {
                 return; // every fetch and the dispatcher are gone
+            }
+            // Let more outcomes join, unless waiting would hold back fetching: the permits
+            // of the outcomes received here are only freed by their commit.
+            let until = tokio::time::Instant::now() + linger;
+            while !linger.is_zero() && received.len() < max_batch && permits.available_permits() > 0
+            {
+                let room = max_batch - received.len();
+                let more = tokio::select! {
+                    n = done.recv_many(&mut received, room) => n,
+                    () = tokio::time::sleep_until(until) => break,
+                    () = abort.cancelled() => return,
+                };
+                if more == 0 {
+                    break; // closed: settle what is here
+                }
             }
         } else {
             received.append(&mut carried);
@@ -740,7 +828,7 @@ async fn complete(
         }
         shared.release_pending(completions.len() as u64);
         drop(batch); // frees the permits
-        shared.work_ready.notify_one();
+        shared.capacity_freed.notify_one();
     }
 }
 
@@ -774,11 +862,14 @@ async fn settle_with_retries(
             .clock
             .now()
             .saturating_add(shared.config.refetch_delay);
-        match shared
+        let outcome = shared
             .db
             .complete(&shared.config.owner, completions, again_from)
-            .await
-        {
+            .await;
+        shared
+            .writes
+            .note(outcome.as_ref().map(|_| ()), shared.clock.now());
+        match outcome {
             Ok(()) => {
                 // Ids requested again during their fetch are claimable from `again_from`.
                 shared

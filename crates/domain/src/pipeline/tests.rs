@@ -304,6 +304,105 @@ async fn outcomes_are_written_in_batches() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn outcomes_arriving_within_the_linger_share_one_transaction() {
+    let linger = Duration::from_millis(50);
+    let rig = Rig::new(PipelineConfig {
+        store_linger: linger,
+        ..PipelineConfig::default()
+    });
+    rig.submit(&[2]).await.unwrap();
+    sleep(Duration::from_millis(20)).await;
+    rig.submit(&[4]).await.unwrap();
+    sleep(Duration::from_millis(100)).await;
+    rig.submit(&[6]).await.unwrap();
+
+    // 2 is answered at 1 s; at 1.025 s it still waits for company.
+    sleep(LATENCY + linger / 2 - Duration::from_millis(120)).await;
+    assert!(rig.stored(2).await.is_none(), "the first outcome lingers");
+    sleep(LATENCY).await;
+    assert_eq!(
+        rig.store.batch_sizes(),
+        vec![2, 1],
+        "2 and 4 answered 20 ms apart share a write; 6, 100 ms later, has its own"
+    );
+    let stored = rig.stored(2).await.expect("stored after the linger");
+    let later = stored.last_seen.saturating_add(Duration::from_millis(20));
+    assert_eq!(
+        rig.stored(4).await.unwrap().last_seen,
+        later,
+        "each keeps its own answer time"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_linger_each_outcome_is_written_when_it_arrives() {
+    let rig = Rig::new(PipelineConfig {
+        store_linger: Duration::ZERO,
+        ..PipelineConfig::default()
+    });
+    rig.submit(&[2]).await.unwrap();
+    sleep(Duration::from_millis(20)).await;
+    rig.submit(&[4]).await.unwrap();
+    sleep(LATENCY).await;
+    assert!(rig.stored(2).await.is_some(), "written at once");
+    sleep(LATENCY).await;
+    assert_eq!(rig.store.batch_sizes(), vec![1, 1]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_linger_while_every_fetch_permit_is_taken() {
+    let rig = Rig::new(PipelineConfig {
+        max_in_flight: 1,
+        store_linger: Duration::from_secs(10),
+        ..PipelineConfig::default()
+    });
+    rig.submit(&[2, 4]).await.unwrap();
+    sleep(LATENCY * 3).await;
+
+    let fetches = rig.source.fetches();
+    assert_eq!(fetches.len(), 2, "{fetches:?}");
+    let gap = fetches[1].started - fetches[0].started;
+    assert!(
+        gap < LATENCY + Duration::from_millis(10),
+        "waiting for company would only hold the next fetch back: {gap:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn settling_outcomes_costs_no_claim_unless_work_may_be_waiting() {
+    let rig = Rig::new(PipelineConfig {
+        max_in_flight: 8,
+        store_linger: Duration::ZERO,
+        poll_interval: Duration::from_secs(3600), // no claims but those asked for here
+        ..PipelineConfig::default()
+    });
+    // Four ids answered at four different times: four settling transactions, one claim.
+    for raw in [2, 4, 6, 8] {
+        rig.submit(&[raw]).await.unwrap();
+        sleep(Duration::from_millis(100)).await;
+    }
+    let claims_after_submits = rig.store.claim_calls();
+    assert!(
+        claims_after_submits <= 5,
+        "one claim at start, one per commit: {claims_after_submits}"
+    );
+    sleep(LATENCY).await;
+    assert_eq!(rig.store.batch_sizes().len(), 4);
+    assert_eq!(
+        rig.store.claim_calls(),
+        claims_after_submits,
+        "the settled batches did not wake the dispatcher"
+    );
+
+    // Twelve ids with eight permits: the freed permits claim the other four.
+    let twelve: Vec<i64> = (10..22).map(|i| i * 2).collect();
+    rig.submit(&twelve).await.unwrap();
+    sleep(LATENCY * 3).await;
+    assert_eq!(rig.source.fetches().len(), 16);
+    assert_eq!(rig.store.inbox_len(), 0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_failed_fetch_is_recorded_with_its_reason_and_blocks_nothing() {
     let rig = Rig::new(PipelineConfig::default());
     rig.source.set_rule(|id| {
@@ -397,6 +496,60 @@ async fn a_callback_the_inbox_cannot_record_is_refused() {
         "nothing was accepted, nothing is fetched"
     );
     assert_eq!(rig.stats().accepted_callbacks, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn while_the_disk_is_full_callbacks_are_refused_and_health_names_the_writes() {
+    let rig = Rig::new(PipelineConfig::default());
+    let handle = rig.pipeline.handle();
+    rig.submit(&[2]).await.unwrap();
+    sleep(LATENCY / 2).await;
+    rig.store.set_disk_full(true);
+    assert!(handle.write_health().is_ok(), "no write has failed yet");
+
+    let refused = rig.submit(&[4]).await;
+    assert!(
+        matches!(refused, Err(SubmitError::Unavailable(_))),
+        "{refused:?}"
+    );
+    let failing = handle
+        .write_health()
+        .expect_err("the failed write is reported");
+    assert!(failing.to_string().contains("disk is full"), "{failing}");
+    sleep(LATENCY * 2).await; // 2's outcome cannot be recorded either: retried
+    assert!(rig.stored(2).await.is_none());
+    assert!(handle.write_health().is_err(), "still failing");
+
+    rig.store.set_disk_full(false);
+    sleep(Duration::from_secs(6)).await; // the completer's next retry succeeds
+    assert!(
+        rig.stored(2).await.is_some(),
+        "recorded once the disk has room"
+    );
+    assert!(
+        handle.write_health().is_ok(),
+        "a successful write clears it"
+    );
+    rig.submit(&[4]).await.unwrap();
+    sleep(LATENCY * 2).await;
+    assert!(rig.stored(4).await.is_some());
+    assert_eq!(rig.store.inbox_len(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_write_stops_being_reported_when_no_write_follows() {
+    let rig = Rig::new(PipelineConfig::default());
+    let handle = rig.pipeline.handle();
+    rig.store.set_disk_full(true);
+    assert!(rig.submit(&[2]).await.is_err());
+    assert!(handle.write_health().is_err());
+    sleep(WRITE_FAILURE_REPORTED_FOR - Duration::from_secs(1)).await;
+    assert!(handle.write_health().is_err());
+    sleep(Duration::from_secs(2)).await;
+    assert!(
+        handle.write_health().is_ok(),
+        "nothing tried to write since: the service may be sent callbacks again"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -569,6 +722,7 @@ async fn concurrent_callbacks_cannot_overshoot_the_backlog_bound_together() {
 async fn requests_during_a_fetch_and_its_refetch_delay_share_one_more_fetch() {
     let rig = Rig::new(PipelineConfig {
         refetch_delay: Duration::from_millis(250),
+        store_linger: Duration::ZERO, // the delay counts from the commit
         ..PipelineConfig::default()
     });
     let t0 = Instant::now();

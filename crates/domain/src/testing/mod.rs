@@ -68,7 +68,9 @@ pub struct MemoryStore {
     enqueues: Mutex<Vec<usize>>,
     batches: Mutex<Vec<usize>>,
     delete_calls: AtomicUsize,
+    claim_calls: AtomicUsize,
     unavailable: AtomicBool,
+    disk_full: AtomicBool,
     panic_on_read: AtomicBool,
 }
 
@@ -117,6 +119,11 @@ impl MemoryStore {
         self.batches.lock().unwrap().push(batch.len());
     }
 
+    /// How many times `claim` was called, whether it found work or not.
+    pub fn claim_calls(&self) -> usize {
+        self.claim_calls.load(Ordering::SeqCst)
+    }
+
     /// How many times `delete_expired` was called.
     pub fn delete_calls(&self) -> usize {
         self.delete_calls.load(Ordering::SeqCst)
@@ -125,6 +132,12 @@ impl MemoryStore {
     /// Makes every call fail as if the database were gone (or brings it back).
     pub fn set_unavailable(&self, unavailable: bool) {
         self.unavailable.store(unavailable, Ordering::SeqCst);
+    }
+
+    /// Makes every write fail as on a full disk while reads and pings still work (or
+    /// frees the disk again).
+    pub fn set_disk_full(&self, full: bool) {
+        self.disk_full.store(full, Ordering::SeqCst);
     }
 
     /// Makes `get` and `list` panic, to test that callers survive a panic.
@@ -136,6 +149,17 @@ impl MemoryStore {
         if self.unavailable.load(Ordering::SeqCst) {
             Err(StoreError::Unavailable(
                 "connection refused (simulated)".into(),
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn check_write(&self) -> Result<(), StoreError> {
+        self.check()?;
+        if self.disk_full.load(Ordering::SeqCst) {
+            Err(StoreError::Query(
+                "database or disk is full (simulated)".into(),
             ))
         } else {
             Ok(())
@@ -249,7 +273,7 @@ impl Inbox for MemoryStore {
         at: Timestamp,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            self.check()?;
+            self.check_write()?;
             let mut inbox = self.inbox.lock().unwrap();
             for request in requests {
                 inbox
@@ -280,6 +304,7 @@ impl Inbox for MemoryStore {
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<Claim>, StoreError>> {
         Box::pin(async move {
+            self.claim_calls.fetch_add(1, Ordering::SeqCst);
             self.check()?;
             let mut inbox = self.inbox.lock().unwrap();
             let mut free: Vec<(Timestamp, ObjectId)> = inbox
@@ -309,7 +334,7 @@ impl Inbox for MemoryStore {
         again_from: Timestamp,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            self.check()?;
+            self.check_write()?;
             let online: Vec<StoredObject> = done
                 .iter()
                 .filter_map(|c| match &c.outcome {
