@@ -1,6 +1,7 @@
 //! Fault injection, end to end: the real `callback-service` against a fake upstream that
 //! misbehaves on cue, a PostgreSQL reached through a proxy the test cuts, a SQLite file
-//! another connection holds locked, and a flood above capacity.
+//! another connection holds locked, a full disk (the service's file size limit lowered
+//! with `prlimit`), and a flood above capacity.
 //!
 //! For every fault the test checks what a user sees over HTTP: the service does not crash
 //! (it keeps answering), no request hangs past its timeout (every test and every request
@@ -1182,6 +1183,108 @@ async fn sqlite_locked_past_its_busy_timeout_answers_503_then_recovers() -> anyh
         healthy(&service).await?;
 
         health_during?.ensure_database_down("health while the database file is locked")?;
+        Ok(())
+    })
+    .await
+}
+
+/// The soft file size limit (RLIMIT_FSIZE) of process `pid`, as `/proc/<pid>/limits`
+/// shows it: a number of bytes or `unlimited`.
+fn file_size_limit(pid: u32) -> anyhow::Result<String> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits"))?;
+    limits
+        .lines()
+        .find_map(|line| line.strip_prefix("Max file size"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(str::to_owned)
+        .context("no file size line in /proc/<pid>/limits")
+}
+
+/// Sets the soft file size limit of process `pid` (`soft`: bytes or `unlimited`, at most
+/// the hard limit) with util-linux's `prlimit`: past it, a write fails with EFBIG, as on a
+/// full disk, and no privilege is needed to set it or to raise it back.
+async fn set_file_size_limit(pid: u32, soft: &str) -> anyhow::Result<()> {
+    let status = tokio::process::Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--fsize={soft}:"))
+        .status()
+        .await
+        .context("cannot run prlimit (util-linux)")?;
+    ensure!(status.success(), "prlimit --fsize={soft}: {status}");
+    ensure!(
+        file_size_limit(pid)? == soft,
+        "the limit did not change: {}",
+        file_size_limit(pid)?
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_disk_full_answers_503_then_recovers() -> anyhow::Result<()> {
+    bounded(async {
+        let upstream = even_online_upstream(Duration::from_millis(300)).await?;
+        let env = [("CALLBACK_PIPELINE__POLL_INTERVAL_MS", "100")];
+        let service = start_on_sqlite(&upstream.base_url(), &env).await?;
+        let pid = service.process.pid().context("the service is running")?;
+        let mut acked = BTreeSet::from([0, 2]);
+        accept(&service, &[0, 2]).await?;
+        all_settled(&service, &acked).await?;
+
+        // 8 and 10 are accepted, then the disk fills up while they are being fetched:
+        // their outcomes cannot be recorded until there is room again.
+        accept(&service, &[8, 10]).await?;
+        acked.extend([8, 10]);
+        eventually(WAIT, POLL, || async {
+            let in_flight = counter(&service, "fetches_in_flight").await?;
+            Ok((in_flight >= 2.0).then_some(()))
+        })
+        .await
+        .context("8 and 10 are not being fetched")?;
+        let original = file_size_limit(pid)?;
+        set_file_size_limit(pid, "1").await?;
+        let during = post_ids(&http(), &service, &[4, 6]).await;
+        let health_during = health(&service).await;
+        let settling_failed = eventually(WAIT, POLL, || async {
+            let failed = counter(&service, "store_errors_total{operation=\"complete\"}").await?;
+            Ok((failed > 0.0).then_some(failed))
+        })
+        .await;
+        let stored_during = stored_ids(&service).await;
+        set_file_size_limit(pid, &original).await?;
+
+        let during = during?;
+        eprintln!(
+            "callback while the disk is full: {} after {:?}",
+            during.status, during.took
+        );
+        ensure!(
+            during.status != 202,
+            "a callback answered 202 while nothing could be written: {during:?}"
+        );
+        during.ensure_unavailable("callback while the disk is full")?;
+        health_during?.ensure_database_down("health while the disk is full")?;
+        let settling_failed = settling_failed.context("no failed settling of 8 and 10")?;
+        eprintln!("settling attempts that failed while the disk was full: {settling_failed}");
+        let stored_during = stored_during?;
+        ensure!(
+            !stored_during.contains(&8) && !stored_during.contains(&10),
+            "8 or 10 stored while nothing could be written: {stored_during:?}"
+        );
+        let lines = service.process.lines();
+        ensure!(
+            lines.iter().any(|l| l.contains("file size limit")),
+            "the cause is not logged"
+        );
+        ensure!(
+            lines.iter().any(|l| l.contains("inbox write failed")),
+            "the refused write is not logged"
+        );
+
+        // Room again: the outcomes waiting are recorded, callbacks are accepted again.
+        accept(&service, &[4, 6]).await?;
+        acked.extend([4, 6]);
+        all_settled(&service, &acked).await?;
+        healthy(&service).await?;
         Ok(())
     })
     .await

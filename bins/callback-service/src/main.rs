@@ -75,6 +75,8 @@ async fn run(config: Config, metrics: telemetry::metrics::MetricsHandle) -> anyh
     tracing::info!(config = %config.redacted_json(), "starting callback-service {}", env!("CARGO_PKG_VERSION"));
     // Early, so the heap profile also shows what start-up allocates and keeps.
     telemetry::profiling::set_heap_profiling(config.telemetry.heap_profiling).await;
+    #[cfg(unix)]
+    survive_file_size_limit()?;
 
     let database = storage::open(
         &config.database.url,
@@ -211,6 +213,41 @@ async fn run(config: Config, metrics: telemetry::metrics::MetricsHandle) -> anyh
     tracing::info!(handed_back_ids = left, "callback-service stopped");
     Ok(())
 }
+
+/// A write past the file size limit (`ulimit -f`, systemd's `LimitFSIZE=`) would kill the
+/// process with SIGXFSZ. Caught, the write fails with EFBIG instead, as on a full disk: its
+/// callbacks are answered 503, health names the database, and work resumes once the limit
+/// is raised. (PostgreSQL ignores the signal for the same reason.) The failed write itself
+/// is logged where it happens; this adds the cause, at most once per
+/// [`FILE_SIZE_LIMIT_LOG_EVERY`].
+#[cfg(unix)]
+fn survive_file_size_limit() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut xfsz = signal(SignalKind::from_raw(libc::SIGXFSZ)).context("cannot catch SIGXFSZ")?;
+    tokio::spawn(async move {
+        let mut last_logged: Option<tokio::time::Instant> = None;
+        let mut unlogged = 0_u64;
+        while xfsz.recv().await.is_some() {
+            let now = tokio::time::Instant::now();
+            if last_logged.is_some_and(|at| now - at < FILE_SIZE_LIMIT_LOG_EVERY) {
+                unlogged += 1;
+                continue;
+            }
+            tracing::warn!(
+                suppressed_since_last = unlogged,
+                "a write reached the file size limit (RLIMIT_FSIZE) and failed; \
+                 raise the limit or free the database's files"
+            );
+            last_logged = Some(now);
+            unlogged = 0;
+        }
+    });
+    Ok(())
+}
+
+/// How often at most the file size limit is logged while writes keep reaching it.
+#[cfg(unix)]
+const FILE_SIZE_LIMIT_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Waits for SIGINT or SIGTERM and names the one that came.
 async fn wait_for_signal() -> anyhow::Result<&'static str> {
