@@ -51,7 +51,13 @@ pub(crate) fn connection_builder(settings: &Settings) -> auto::Builder<TokioExec
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
-        .keep_alive(true);
+        .keep_alive(true)
+        // A client may send its request and then shut its sending half (`shutdown(SHUT_WR)`,
+        // `curl` piping a body, load balancers draining): it still gets its answer. Without
+        // this, hyper treats the EOF as the client gone and drops the request unanswered.
+        // A half-closed connection stays bounded: no further request can arrive on it, and
+        // the connection closes once the answer is written.
+        .half_close(true);
     builder
         .http2()
         .timer(TokioTimer::new())

@@ -195,6 +195,25 @@ async fn shutdown_lets_a_request_in_flight_finish() {
 }
 
 #[tokio::test]
+async fn a_client_that_half_closes_after_its_request_still_gets_the_answer() {
+    use tokio::io::AsyncWriteExt as _;
+
+    let (server, mut entered, release) = gated_server(Duration::from_secs(10)).await;
+    server.seed(4).await;
+    let mut stream = raw_send(server.addr, b"GET /objects/4 HTTP/1.1\r\nhost: t\r\n\r\n").await;
+    stream.shutdown().await.unwrap(); // the client has nothing more to send
+    // The connection reads on while the handler runs: it sees the EOF before the answer.
+    within("the request reaches the store", entered.recv()).await;
+    release.notify_one();
+
+    let seen = within("the answer", read_until_closed(&mut stream)).await;
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.contains("\"id\":4"), "{text}");
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn shutdown_gives_up_on_requests_that_outlast_the_grace_period() {
     let (server, mut entered, _release) = gated_server(Duration::from_millis(200)).await;
     let client = server.client.clone();
