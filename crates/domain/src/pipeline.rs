@@ -52,7 +52,7 @@ pub struct PipelineConfig {
     /// refresh the backlog figures.
     pub poll_interval: Duration,
     /// How long the first outcome of a batch waits for more before the batch is committed,
-    /// unless the batch fills up or every fetch permit is taken first. Fewer, larger
+    /// unless the batch fills up first. Fewer, larger
     /// completing transactions at low rates, for at most this much extra lag.
     pub store_linger: Duration,
     /// How long an id requested again while it was being fetched waits, after that fetch,
@@ -245,10 +245,14 @@ struct Shared {
     writes: WriteHealth,
     counters: Counters,
     metrics: PipelineMetrics,
+    /// Ids claimed by this instance and not yet settled (being fetched, or their outcome
+    /// waiting for its commit).
+    unsettled: AtomicU64,
     /// Wakes the dispatcher: new work committed.
     work_ready: Notify,
-    /// Wakes the dispatcher when fetch permits free up; it listens only while its last
-    /// claim was cut short by the permits, so a settled batch does not cost an empty claim.
+    /// Wakes the dispatcher when fetch permits free up (a fetch ended); it listens only
+    /// while its last claim was cut short by the permits, so an ended fetch does not cost
+    /// an empty claim.
     capacity_freed: Notify,
     /// When ids handed back for a refetch become claimable (microseconds since the epoch on
     /// the pipeline's clock; `i64::MAX` for none): the dispatcher wakes then.
@@ -405,7 +409,6 @@ pub struct Pipeline {
     dispatcher: tokio::task::JoinHandle<JoinSet<()>>,
     completer: tokio::task::JoinHandle<()>,
     monitor: tokio::task::JoinHandle<()>,
-    permits: Arc<Semaphore>,
     stop_claiming: CancellationToken,
     abort: CancellationToken,
 }
@@ -440,6 +443,7 @@ impl Pipeline {
                 ..Counters::default()
             },
             metrics: PipelineMetrics::register(),
+            unsettled: AtomicU64::new(0),
             work_ready: Notify::new(),
             capacity_freed: Notify::new(),
             next_claimable: AtomicI64::new(i64::MAX),
@@ -463,7 +467,6 @@ impl Pipeline {
             Arc::clone(&shared),
             expiry,
             done_rx,
-            Arc::clone(&permits),
             max_batch,
             abort.clone(),
         ));
@@ -474,7 +477,6 @@ impl Pipeline {
             dispatcher,
             completer,
             monitor,
-            permits,
             stop_claiming,
             abort,
         }
@@ -494,9 +496,8 @@ impl Pipeline {
             handle,
             ingest,
             dispatcher,
-            completer,
+            mut completer,
             monitor,
-            permits,
             stop_claiming,
             abort,
         } = self;
@@ -505,17 +506,22 @@ impl Pipeline {
         drop(handle); // the ingest writer ends once every handle is gone
         stop_claiming.cancel();
         let _ = monitor.await;
-        let max_in_flight = shared.config.max_in_flight.max(1);
+        let mut completer_done = false;
         let finished = async {
             let mut fetches = dispatcher.await.unwrap_or_default();
             while fetches.join_next().await.is_some() {}
-            // Every fetch has handed its outcome over; wait until all are committed.
-            let _all = permits.acquire_many(max_in_flight as u32).await;
+            // Every fetch has handed its outcome over and dropped its sender, as has the
+            // dispatcher: the completer commits what it holds, then returns.
+            let _ = (&mut completer).await;
+            completer_done = true;
         };
         let drained = tokio::time::timeout(grace, finished).await.is_ok();
-        let in_flight = max_in_flight - permits.available_permits();
+        let in_flight =
+            usize::try_from(shared.unsettled.load(Ordering::Acquire)).unwrap_or(usize::MAX);
         abort.cancel();
-        let _ = completer.await;
+        if !completer_done {
+            let _ = completer.await;
+        }
         if tokio::time::timeout(grace, ingest).await.is_err() {
             tracing::warn!("ingest writer did not stop in time");
         }
@@ -598,14 +604,12 @@ async fn ingest(shared: Arc<Shared>, mut requests: mpsc::Receiver<Request>, max_
     }
 }
 
-type Done = (Completion, OwnedSemaphorePermit);
-
 /// Leases waiting ids and starts their fetches, never more than the permits allow.
 async fn dispatch(
     shared: Arc<Shared>,
     source: Arc<dyn ObjectSource>,
     permits: Arc<Semaphore>,
-    done: mpsc::Sender<Done>,
+    done: mpsc::Sender<Completion>,
     stop: CancellationToken,
     abort: CancellationToken,
 ) -> JoinSet<()> {
@@ -665,6 +669,7 @@ async fn dispatch(
             };
             let claimed = claims.len();
             starved = claimed == free;
+            shared.unsettled.fetch_add(claimed as u64, Ordering::AcqRel);
             for claim in claims {
                 let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
                     break; // cannot happen: only this task takes permits
@@ -691,7 +696,7 @@ async fn fetch(
     source: Arc<dyn ObjectSource>,
     claim: Claim,
     permit: OwnedSemaphorePermit,
-    done: mpsc::Sender<Done>,
+    done: mpsc::Sender<Completion>,
     abort: CancellationToken,
 ) {
     add(&shared.counters.fetches_started, 1);
@@ -761,21 +766,23 @@ async fn fetch(
             })
         }
     };
-    let _ = done.send((Completion { claim, outcome }, permit)).await;
+    // Sent before the permit is freed: when the completer falls behind, fetching waits.
+    let _ = done.send(Completion { claim, outcome }).await;
+    drop(permit);
+    shared.capacity_freed.notify_one();
 }
 
-/// Settles outcomes in batches, one transaction each, and frees their fetch permits.
+/// Settles outcomes in batches, one transaction each.
 async fn complete(
     shared: Arc<Shared>,
     expiry: ExpiryWaker,
-    mut done: mpsc::Receiver<Done>,
-    permits: Arc<Semaphore>,
+    mut done: mpsc::Receiver<Completion>,
     max_batch: usize,
     abort: CancellationToken,
 ) {
     let linger = shared.config.store_linger;
-    let mut received: Vec<Done> = Vec::with_capacity(max_batch);
-    let mut carried: Vec<Done> = Vec::new();
+    let mut received: Vec<Completion> = Vec::with_capacity(max_batch);
+    let mut carried: Vec<Completion> = Vec::new();
     let mut seen = HashSet::new();
     loop {
         if carried.is_empty() {
@@ -786,11 +793,10 @@ async fn complete(
             if n == 0 {
                 return; // every fetch and the dispatcher are gone
             }
-            // Let more outcomes join, unless waiting would hold back fetching: the permits
-            // of the outcomes received here are only freed by their commit.
+            // Let more outcomes join. Fetching goes on meanwhile: a fetch frees its permit
+            // once its outcome is handed over.
             let until = tokio::time::Instant::now() + linger;
-            while !linger.is_zero() && received.len() < max_batch && permits.available_permits() > 0
-            {
+            while !linger.is_zero() && received.len() < max_batch {
                 let room = max_batch - received.len();
                 let more = tokio::select! {
                     n = done.recv_many(&mut received, room) => n,
@@ -806,11 +812,9 @@ async fn complete(
         }
         // A batch names each id once; a second outcome for the same id waits for the next.
         seen.clear();
-        let (batch, later): (Vec<Done>, Vec<Done>) = received
-            .drain(..)
-            .partition(|(c, _)| seen.insert(c.claim.id));
+        let (completions, later): (Vec<Completion>, Vec<Completion>) =
+            received.drain(..).partition(|c| seen.insert(c.claim.id));
         carried = later;
-        let completions: Vec<Completion> = batch.iter().map(|(c, _)| c.clone()).collect();
         if !settle(&shared, &completions, &abort).await {
             return; // aborting: the leases are released by shutdown
         }
@@ -827,8 +831,9 @@ async fn complete(
             expiry.offer(earliest);
         }
         shared.release_pending(completions.len() as u64);
-        drop(batch); // frees the permits
-        shared.capacity_freed.notify_one();
+        shared
+            .unsettled
+            .fetch_sub(completions.len() as u64, Ordering::AcqRel);
     }
 }
 

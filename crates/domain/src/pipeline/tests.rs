@@ -350,22 +350,32 @@ async fn without_a_linger_each_outcome_is_written_when_it_arrives() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn no_linger_while_every_fetch_permit_is_taken() {
+async fn a_lingering_batch_never_holds_back_the_next_fetch() {
     let rig = Rig::new(PipelineConfig {
         max_in_flight: 1,
         store_linger: Duration::from_secs(10),
         ..PipelineConfig::default()
     });
-    rig.submit(&[2, 4]).await.unwrap();
-    sleep(LATENCY * 3).await;
+    rig.submit(&[2, 4, 6]).await.unwrap();
+    sleep(LATENCY * 3 + Duration::from_millis(10)).await;
 
     let fetches = rig.source.fetches();
-    assert_eq!(fetches.len(), 2, "{fetches:?}");
-    let gap = fetches[1].started - fetches[0].started;
-    assert!(
-        gap < LATENCY + Duration::from_millis(10),
-        "waiting for company would only hold the next fetch back: {gap:?}"
+    assert_eq!(fetches.len(), 3, "{fetches:?}");
+    for pair in fetches.windows(2) {
+        let gap = pair[1].started - pair[0].started;
+        assert!(
+            gap < LATENCY + Duration::from_millis(10),
+            "a fetch frees its permit when it ends, not when its outcome is committed: {gap:?}"
+        );
+    }
+    assert!(rig.store.batch_sizes().is_empty(), "still lingering");
+    sleep(Duration::from_secs(10)).await;
+    assert_eq!(
+        rig.store.batch_sizes(),
+        vec![3],
+        "the three outcomes share one write"
     );
+    assert_eq!(rig.store.inbox_len(), 0);
 }
 
 #[tokio::test(start_paused = true)]
