@@ -13,7 +13,9 @@
 //! defaults an idle service kept what a burst had freed. `cargo xtask bench ingress`
 //! (SQLite): RSS 26.3 MB ten seconds after the load against 20.4 MB before it, and 23.1 MB
 //! against 19.9 MB with these settings, at the same throughput (16 571 and 16 552
-//! callbacks/s); `bench real` CPU 1.70 %.
+//! callbacks/s). The price is more `madvise` calls at low load: `bench real`, alternating
+//! runs, measured 2.15 % and 2.32 % of a core with jemalloc's defaults (`MALLOC_CONF`
+//! overrides this) against 2.82 % and 2.77 % with these, on a noisy machine.
 
 /// jemalloc serves every allocation, Rust's and C's (it is built unprefixed).
 #[cfg(target_os = "linux")]
