@@ -29,48 +29,74 @@ const MAX_FAILURES_PER_STATEMENT: usize = 5_000;
 /// new ids wait from `at` on, waiting ids get their generation bumped and take the new
 /// trace context if there is one. Without trace contexts the column is not written.
 pub(super) fn enqueue(conn: &mut SqliteConnection, enqueue: &Enqueue, at: i64) -> QueryResult<()> {
-    conn.immediate_transaction(|conn| {
-        if enqueue.traces.is_empty() {
-            for chunk in enqueue.ids.chunks(MAX_IDS_PER_STATEMENT) {
-                let values: Vec<_> = chunk
-                    .iter()
-                    .map(|&id| (inbox::object_id.eq(id), inbox::requested_at.eq(at)))
-                    .collect();
-                diesel::insert_into(inbox::table)
-                    .values(values)
-                    .on_conflict(inbox::object_id)
-                    .do_update()
-                    .set(inbox::generation.eq(inbox::generation + 1))
-                    .execute(conn)?;
-            }
-            return Ok(());
-        }
-        let ids = enqueue.ids.chunks(MAX_IDS_PER_STATEMENT);
-        let traces = enqueue.traces.chunks(MAX_IDS_PER_STATEMENT);
-        for (ids, traces) in ids.zip(traces) {
-            let values: Vec<_> = ids
+    durably(conn, |conn| enqueue_in_transaction(conn, enqueue, at))
+}
+
+/// Runs `write` in an immediate transaction committed with `synchronous = FULL` (the log
+/// synced before the commit returns, so it survives power loss), then sets the
+/// connection back to the session's `NORMAL`. Nothing is written if `FULL` cannot be set.
+pub(super) fn durably<T>(
+    conn: &mut SqliteConnection,
+    write: impl FnOnce(&mut SqliteConnection) -> QueryResult<T>,
+) -> QueryResult<T> {
+    use diesel::connection::SimpleConnection as _;
+
+    conn.batch_execute("PRAGMA synchronous = FULL;")?;
+    let written = conn.immediate_transaction(write);
+    let restored = conn.batch_execute("PRAGMA synchronous = NORMAL;");
+    let written = written?;
+    // A connection left on FULL is only slower; the write itself is done and durable.
+    if let Err(err) = restored {
+        tracing::debug!(error = %err, "cannot set synchronous back to NORMAL");
+    }
+    Ok(written)
+}
+
+fn enqueue_in_transaction(
+    conn: &mut SqliteConnection,
+    enqueue: &Enqueue,
+    at: i64,
+) -> QueryResult<()> {
+    if enqueue.traces.is_empty() {
+        for chunk in enqueue.ids.chunks(MAX_IDS_PER_STATEMENT) {
+            let values: Vec<_> = chunk
                 .iter()
-                .zip(traces)
-                .map(|(&id, trace)| {
-                    (
-                        inbox::object_id.eq(id),
-                        inbox::requested_at.eq(at),
-                        inbox::trace.eq(trace.as_deref()),
-                    )
-                })
+                .map(|&id| (inbox::object_id.eq(id), inbox::requested_at.eq(at)))
                 .collect();
             diesel::insert_into(inbox::table)
                 .values(values)
                 .on_conflict(inbox::object_id)
                 .do_update()
-                .set((
-                    inbox::generation.eq(inbox::generation + 1),
-                    inbox::trace.eq(first_known(excluded(inbox::trace), inbox::trace)),
-                ))
+                .set(inbox::generation.eq(inbox::generation + 1))
                 .execute(conn)?;
         }
-        Ok(())
-    })
+        return Ok(());
+    }
+    let ids = enqueue.ids.chunks(MAX_IDS_PER_STATEMENT);
+    let traces = enqueue.traces.chunks(MAX_IDS_PER_STATEMENT);
+    for (ids, traces) in ids.zip(traces) {
+        let values: Vec<_> = ids
+            .iter()
+            .zip(traces)
+            .map(|(&id, trace)| {
+                (
+                    inbox::object_id.eq(id),
+                    inbox::requested_at.eq(at),
+                    inbox::trace.eq(trace.as_deref()),
+                )
+            })
+            .collect();
+        diesel::insert_into(inbox::table)
+            .values(values)
+            .on_conflict(inbox::object_id)
+            .do_update()
+            .set((
+                inbox::generation.eq(inbox::generation + 1),
+                inbox::trace.eq(first_known(excluded(inbox::trace), inbox::trace)),
+            ))
+            .execute(conn)?;
+    }
+    Ok(())
 }
 
 /// One failure as `fetch_failures` stores it.

@@ -90,7 +90,10 @@ async fn every_pooled_connection_gets_the_session_settings() {
             .expect("foreign_keys");
         assert_eq!(busy.timeout, 5_000);
         assert_eq!(journal.journal_mode, "wal");
-        assert_eq!(sync.synchronous, 2, "2 is FULL");
+        assert_eq!(
+            sync.synchronous, 1,
+            "1 is NORMAL; the inbox enqueue commits under FULL"
+        );
         assert_eq!(fk.foreign_keys, 1);
     }
 }
@@ -224,6 +227,47 @@ async fn waiting_too_long_for_the_write_lock_is_unavailable() {
         .upsert(&[object(1, 1, 2)])
         .await
         .expect("writes again");
+}
+
+fn synchronous(conn: &mut SqliteConnection) -> i64 {
+    diesel::RunQueryDsl::get_result::<Synchronous>(diesel::sql_query("PRAGMA synchronous"), conn)
+        .expect("synchronous")
+        .synchronous
+}
+
+#[test]
+fn a_durable_write_commits_under_full_and_leaves_the_connection_on_normal() {
+    let dir = tempfile::tempdir().expect("create a temporary directory");
+    let path = dir.path().join("durable.db");
+    let mut conn = connect(path.to_str().expect("utf-8")).expect("connection");
+    conn.batch_execute("CREATE TABLE t (x INTEGER);")
+        .expect("table");
+    assert_eq!(synchronous(&mut conn), 1, "the session's NORMAL");
+
+    let inside = inbox::durably(&mut conn, |conn| {
+        conn.batch_execute("INSERT INTO t VALUES (1);")?;
+        Ok(synchronous(conn))
+    })
+    .expect("committed");
+    assert_eq!(inside, 2, "FULL while the durable write commits");
+    assert_eq!(synchronous(&mut conn), 1, "NORMAL again after it");
+
+    let failed = inbox::durably(&mut conn, |conn| {
+        conn.batch_execute("INSERT INTO t VALUES (2);")?;
+        conn.batch_execute("INSERT INTO missing VALUES (3);")
+    });
+    assert!(failed.is_err());
+    assert_eq!(
+        synchronous(&mut conn),
+        1,
+        "NORMAL again after a failed write"
+    );
+    let rows: i64 = diesel::RunQueryDsl::get_result(
+        diesel::dsl::sql::<BigInt>("SELECT count(*) FROM t"),
+        &mut conn,
+    )
+    .expect("count");
+    assert_eq!(rows, 1, "the failed write was rolled back whole");
 }
 
 #[test]
@@ -368,7 +412,14 @@ async fn an_enqueue_larger_than_one_statement_is_one_transaction() {
     .expect("enqueue");
     assert_eq!(
         *statements.lock().expect("not poisoned"),
-        ["BEGIN IMMEDIATE", "INSERT INTO", "INSERT INTO", "COMMIT"]
+        [
+            "PRAGMA synchronous", // = FULL: the commit behind a 202 survives power loss
+            "BEGIN IMMEDIATE",
+            "INSERT INTO",
+            "INSERT INTO",
+            "COMMIT",
+            "PRAGMA synchronous", // = NORMAL again
+        ]
     );
     drop(conn);
     assert_eq!(
