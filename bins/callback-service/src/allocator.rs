@@ -7,15 +7,16 @@
 //! default, written out so the cost is visible). While sampling is off, profiling costs
 //! next to nothing.
 //!
-//! Freed pages go back to the system within about a second (`dirty_decay_ms:1000`, not
-//! jemalloc's 10 s) and skip the intermediate "muzzy" state (`muzzy_decay_ms:0`): without
-//! background threads jemalloc purges only while the process allocates, so with its
-//! defaults an idle service kept what a burst had freed. `cargo xtask bench ingress`
-//! (SQLite): RSS 26.3 MB ten seconds after the load against 20.4 MB before it, and 23.1 MB
-//! against 19.9 MB with these settings, at the same throughput (16 571 and 16 552
-//! callbacks/s). The price is more `madvise` calls at low load: `bench real`, alternating
-//! runs, measured 2.15 % and 2.32 % of a core with jemalloc's defaults (`MALLOC_CONF`
-//! overrides this) against 2.82 % and 2.77 % with these, on a noisy machine.
+//! Freed pages go back to the system in the background: one jemalloc thread
+//! (`background_thread:true`) purges what has been free for about 5 s
+//! (`dirty_decay_ms:5000`, jemalloc's default being 10 s). Without it jemalloc purges only
+//! while the process allocates, so an idle service kept what a burst had freed.
+//! `cargo xtask bench ingress` (SQLite): RSS 26.3 MB ten seconds after the load against
+//! 20.4 MB before it with jemalloc's defaults; 22.6 MB against 19.8 MB 4.8 s after it with
+//! these, at the same throughput (16 571 and 15 430 callbacks/s). Purging inline instead
+//! (`dirty_decay_ms:1000`, no thread) also brought RSS back but cost `bench real` about
+//! 0.4 % of a core in `madvise` calls (2.05 % and 2.17 % against 1.67 %); with the thread,
+//! `bench real` measured 1.63 % and 1.70 %.
 
 /// jemalloc serves every allocation, Rust's and C's (it is built unprefixed).
 #[cfg(target_os = "linux")]
@@ -30,7 +31,8 @@ static ALLOCATOR: telemetry::profiling::Jemalloc = telemetry::profiling::Jemallo
     reason = "jemalloc reads its options from the C symbol `malloc_conf`, and exporting a symbol is unsafe: nothing else may define it (jemalloc's own definition is weak)"
 )]
 #[unsafe(export_name = "malloc_conf")]
-static MALLOC_CONF: &[u8; 83] = b"prof:true,prof_active:false,lg_prof_sample:19,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+static MALLOC_CONF: &[u8; 89] =
+    b"prof:true,prof_active:false,lg_prof_sample:19,background_thread:true,dirty_decay_ms:5000\0";
 
 #[cfg(test)]
 mod tests {
