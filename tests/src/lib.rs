@@ -29,6 +29,20 @@ pub struct Bins {
     pub client_service: PathBuf,
 }
 
+/// `relative` (e.g. `docs/openapi.json`) under the workspace root.
+pub fn workspace_file(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the workspace root")
+        .join(relative)
+}
+
+/// The text of the workspace file `relative`.
+pub fn read_workspace_file(relative: &str) -> anyhow::Result<String> {
+    std::fs::read_to_string(workspace_file(relative))
+        .map_err(|err| anyhow::anyhow!("read {relative}: {err}"))
+}
+
 /// Builds both binaries with the profile of the running tests (once) and returns their paths.
 pub fn bins() -> &'static Bins {
     static BINS: OnceLock<Bins> = OnceLock::new();

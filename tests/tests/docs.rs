@@ -11,25 +11,14 @@
 //!   fails where nothing answers.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use figment::Figment;
 use figment::providers::{Format, Toml};
 use serde_json::Value;
-use tests::{Backend, Service, bins};
-
-fn workspace_file(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ lives in the workspace root")
-        .join(relative)
-}
-
-fn read(relative: &str) -> anyhow::Result<String> {
-    std::fs::read_to_string(workspace_file(relative)).with_context(|| format!("read {relative}"))
-}
+use tests::{Backend, Service, bins, read_workspace_file, workspace_file};
 
 /// The keys of a configuration file as `section.key`, with their values.
 fn toml_keys(relative: &str) -> anyhow::Result<BTreeMap<String, Value>> {
@@ -179,7 +168,7 @@ fn flags_in_help(binary: &Path) -> anyhow::Result<BTreeSet<(String, String)>> {
 
 #[test]
 fn the_configuration_reference_lists_every_key_of_both_files() -> anyhow::Result<()> {
-    let reference = read("docs/configuration.md")?;
+    let reference = read_workspace_file("docs/configuration.md")?;
     for (heading, file, prefix) in [
         ("## callback-service", "config/default.toml", "CALLBACK_"),
         ("## client-service", "config/client-service.toml", "CLIENT_"),
@@ -200,7 +189,7 @@ fn the_configuration_reference_lists_every_key_of_both_files() -> anyhow::Result
 
 #[test]
 fn the_reference_names_the_flags_the_binaries_have() -> anyhow::Result<()> {
-    let reference = read("docs/configuration.md")?;
+    let reference = read_workspace_file("docs/configuration.md")?;
     for (heading, binary) in [
         ("## callback-service", &bins().callback_service),
         ("## client-service", &bins().client_service),
@@ -220,7 +209,7 @@ fn the_reference_names_the_flags_the_binaries_have() -> anyhow::Result<()> {
 
 #[test]
 fn the_readme_configuration_table_agrees_with_the_file_and_the_reference() -> anyhow::Result<()> {
-    let readme = read("README.md")?;
+    let readme = read_workspace_file("README.md")?;
     let rows = config_rows(&readme, "## Configuration")?;
     check_rows(
         &rows,
@@ -228,7 +217,7 @@ fn the_readme_configuration_table_agrees_with_the_file_and_the_reference() -> an
         "CALLBACK_",
         "README.md ## Configuration",
     )?;
-    let reference = read("docs/configuration.md")?;
+    let reference = read_workspace_file("docs/configuration.md")?;
     let flags: BTreeMap<String, Option<String>> = config_rows(&reference, "## callback-service")?
         .into_iter()
         .map(|row| (row.key, row.flag))
@@ -247,7 +236,7 @@ fn the_readme_configuration_table_agrees_with_the_file_and_the_reference() -> an
 
 #[test]
 fn the_compose_file_sets_real_keys_and_publishes_the_documented_ports() -> anyhow::Result<()> {
-    let compose = read("docker/compose.yaml")?;
+    let compose = read_workspace_file("docker/compose.yaml")?;
     let callback = toml_keys("config/default.toml")?;
     let client = toml_keys("config/client-service.toml")?;
     let mut set = BTreeMap::<&str, usize>::new();
@@ -293,7 +282,7 @@ fn the_compose_file_sets_real_keys_and_publishes_the_documented_ports() -> anyho
 
 #[test]
 fn the_dockerfile_copies_files_that_exist_and_builds_with_cis_command() -> anyhow::Result<()> {
-    let dockerfile = read("docker/Dockerfile")?;
+    let dockerfile = read_workspace_file("docker/Dockerfile")?;
     // Continuation lines joined, so each instruction is one line.
     let joined = dockerfile.replace("\\\n", " ");
     let mut copied = 0;
@@ -316,7 +305,7 @@ fn the_dockerfile_copies_files_that_exist_and_builds_with_cis_command() -> anyho
                 workspace_file(source).exists(),
                 "docker/Dockerfile copies {source}, which does not exist"
             );
-            let ignore = read("docker/Dockerfile.dockerignore")?;
+            let ignore = read_workspace_file("docker/Dockerfile.dockerignore")?;
             ensure!(
                 ignore
                     .lines()
@@ -350,7 +339,9 @@ fn the_dockerfile_copies_files_that_exist_and_builds_with_cis_command() -> anyho
             .join(" ")
     );
     ensure!(
-        read(".ci/run")?.lines().any(|l| l.trim() == ci_build),
+        read_workspace_file(".ci/run")?
+            .lines()
+            .any(|l| l.trim() == ci_build),
         ".ci/run does not run the Dockerfile's build command (without --release): {ci_build}"
     );
     Ok(())

@@ -12,12 +12,13 @@
 //!   the id limit gets the documented `400`, `415` and `413`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use serde_json::{Value, json};
-use tests::{Backend, Service, Upstream, eventually, http, parse_rfc3339_micros};
+use tests::{
+    Backend, Service, Upstream, eventually, http, parse_rfc3339_micros, read_workspace_file,
+};
 
 const WAIT: Duration = Duration::from_secs(20);
 const POLL: Duration = Duration::from_millis(20);
@@ -33,17 +34,6 @@ const PROBED_METHODS: &[&str] = &["get", "post", "put", "patch", "delete"];
 /// A `http.max_ids` small enough to exceed cheaply.
 const MAX_IDS: usize = 50;
 
-fn workspace_file(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ lives in the workspace root")
-        .join(relative)
-}
-
-fn read(relative: &str) -> anyhow::Result<String> {
-    std::fs::read_to_string(workspace_file(relative)).with_context(|| format!("read {relative}"))
-}
-
 /// The document, with `$ref`s followed on demand.
 struct Document {
     root: Value,
@@ -58,7 +48,7 @@ struct Operation<'d> {
 
 impl Document {
     fn load() -> anyhow::Result<Self> {
-        let root = serde_json::from_str(&read("docs/openapi.json")?)
+        let root = serde_json::from_str(&read_workspace_file("docs/openapi.json")?)
             .context("docs/openapi.json is not JSON")?;
         Ok(Self { root })
     }
@@ -285,7 +275,7 @@ fn status_of_constant(name: &str) -> Option<u16> {
 
 /// The `(StatusCode::NAME, "code")` pairs of the one function that maps errors to responses.
 fn codes_in_error_rs() -> anyhow::Result<BTreeMap<String, u16>> {
-    let source = read("crates/http-transport/src/error.rs")?;
+    let source = read_workspace_file("crates/http-transport/src/error.rs")?;
     let mut codes = BTreeMap::new();
     for piece in source.split("(StatusCode::").skip(1) {
         let Some((name, rest)) = piece.split_once(',') else {
@@ -315,7 +305,7 @@ fn codes_in_error_rs() -> anyhow::Result<BTreeMap<String, u16>> {
 
 /// The `| status | `code` | when |` rows of README.md's error table.
 fn codes_in_readme() -> anyhow::Result<BTreeMap<String, u16>> {
-    let readme = read("README.md")?;
+    let readme = read_workspace_file("README.md")?;
     let mut codes = BTreeMap::new();
     for line in readme.lines() {
         let cells: Vec<&str> = line.split('|').map(str::trim).collect();
@@ -338,7 +328,7 @@ fn codes_in_readme() -> anyhow::Result<BTreeMap<String, u16>> {
 
 /// The `(METHOD, "/path")` routes of the public router in `http-transport`'s `api.rs`.
 fn routes_in_api_rs() -> anyhow::Result<BTreeSet<(String, String)>> {
-    let source = read("crates/http-transport/src/api.rs")?;
+    let source = read_workspace_file("crates/http-transport/src/api.rs")?;
     let mut routes = BTreeSet::new();
     for piece in source.split(".route(Method::").skip(1) {
         let (method, rest) = piece

@@ -221,28 +221,22 @@ async fn run(config: Config, metrics: telemetry::metrics::MetricsHandle) -> anyh
 /// process with SIGXFSZ. Caught, the write fails with EFBIG instead, as on a full disk: its
 /// callbacks are answered 503, health names the database, and work resumes once the limit
 /// is raised. (PostgreSQL ignores the signal for the same reason.) The failed write itself
-/// is logged where it happens; this adds the cause, at most once per
-/// [`FILE_SIZE_LIMIT_LOG_EVERY`].
+/// is logged where it happens; this adds the cause, once per [`FILE_SIZE_LIMIT_LOG_EVERY`]
+/// window at most.
 #[cfg(unix)]
 fn survive_file_size_limit() -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut xfsz = signal(SignalKind::from_raw(libc::SIGXFSZ)).context("cannot catch SIGXFSZ")?;
+    let budget = domain::log_budget::LogBudget::per_window(1, FILE_SIZE_LIMIT_LOG_EVERY);
     tokio::spawn(async move {
-        let mut last_logged: Option<tokio::time::Instant> = None;
-        let mut unlogged = 0_u64;
         while xfsz.recv().await.is_some() {
-            let now = tokio::time::Instant::now();
-            if last_logged.is_some_and(|at| now - at < FILE_SIZE_LIMIT_LOG_EVERY) {
-                unlogged += 1;
-                continue;
+            if let Some(suppressed) = budget.admit(SystemClock.now()) {
+                tracing::warn!(
+                    suppressed_since_last = suppressed,
+                    "a write reached the file size limit (RLIMIT_FSIZE) and failed; \
+                     raise the limit or free the database's files"
+                );
             }
-            tracing::warn!(
-                suppressed_since_last = unlogged,
-                "a write reached the file size limit (RLIMIT_FSIZE) and failed; \
-                 raise the limit or free the database's files"
-            );
-            last_logged = Some(now);
-            unlogged = 0;
         }
     });
     Ok(())

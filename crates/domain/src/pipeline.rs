@@ -95,58 +95,31 @@ const FAILURE_LINES_PER_SECOND: u32 = 10;
 /// must not keep it out for good once no callback comes to try again.
 const WRITE_FAILURE_REPORTED_FOR: Duration = Duration::from_secs(30);
 
-/// Whether inbox writes are failing (disk full, read-only file, I/O errors) although the
-/// database answers pings: the latest failed write, until a write succeeds or
-/// [`WRITE_FAILURE_REPORTED_FOR`] passes without another try. Every write reports here;
-/// while writes succeed, that costs one atomic load.
-#[derive(Debug, Default)]
-struct WriteHealth {
+/// A component's latest failure while it is failing, until its next success: the inbox
+/// writes (disk full, read-only file, I/O errors, though the database may answer pings)
+/// and the upstream (unreachable, timed out, 5xx or 429 after every retry). Every write or
+/// fetch reports here; while the component works, that costs one atomic load.
+#[derive(Debug)]
+struct LatestFailure<E> {
     failing: AtomicBool,
-    latest: std::sync::Mutex<Option<(Timestamp, StoreError)>>,
+    latest: std::sync::Mutex<Option<(Timestamp, E)>>,
 }
 
-impl WriteHealth {
-    fn note(&self, outcome: Result<(), &StoreError>, now: Timestamp) {
-        match outcome {
-            Err(err) => {
-                *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some((now, err.clone()));
-                self.failing.store(true, Ordering::Release);
-            }
-            Ok(()) if self.failing.load(Ordering::Relaxed) => {
-                self.failing.store(false, Ordering::Release);
-            }
-            Ok(()) => {}
-        }
-    }
-
-    fn health(&self, now: Timestamp) -> Result<(), StoreError> {
-        if !self.failing.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        match &*self.latest.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some((at, err)) if now < at.saturating_add(WRITE_FAILURE_REPORTED_FOR) => {
-                Err(err.clone())
-            }
-            _ => Ok(()),
+impl<E> Default for LatestFailure<E> {
+    fn default() -> Self {
+        Self {
+            failing: AtomicBool::new(false),
+            latest: std::sync::Mutex::new(None),
         }
     }
 }
 
-/// Whether the upstream is failing: the cause of the latest fetch that found it down
-/// (unreachable, timed out, 5xx or 429 after every retry), until a fetch gets an answer.
-/// Every fetch reports here; while the upstream answers, that costs one atomic load.
-#[derive(Debug, Default)]
-struct UpstreamHealth {
-    failing: AtomicBool,
-    cause: std::sync::Mutex<String>,
-}
-
-impl UpstreamHealth {
-    /// Notes how one fetch ended: `error` if it failed.
-    fn note(&self, error: Option<&FetchError>) {
-        match error.filter(|err| err.is_transient()) {
+impl<E: Clone> LatestFailure<E> {
+    /// Notes how one operation at `now` ended: `Some(error)` if it failed.
+    fn note(&self, failure: Option<E>, now: Timestamp) {
+        match failure {
             Some(err) => {
-                *self.cause.lock().unwrap_or_else(|e| e.into_inner()) = err.to_string();
+                *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some((now, err));
                 self.failing.store(true, Ordering::Release);
             }
             None if self.failing.load(Ordering::Relaxed) => {
@@ -156,13 +129,15 @@ impl UpstreamHealth {
         }
     }
 
-    /// `Err` with the cause while the upstream is failing.
-    fn health(&self) -> Result<(), String> {
-        if self.failing.load(Ordering::Acquire) {
-            Err(self.cause.lock().unwrap_or_else(|e| e.into_inner()).clone())
-        } else {
-            Ok(())
+    /// The latest failure and when it happened, while failing.
+    fn current(&self) -> Option<(Timestamp, E)> {
+        if !self.failing.load(Ordering::Acquire) {
+            return None;
         }
+        self.latest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -240,9 +215,9 @@ struct Shared {
     /// Bounds the "fetch failed" lines when many ids fail at once (upstream down).
     failure_log: LogBudget,
     /// Whether the upstream is failing, as the latest fetches found it.
-    upstream: UpstreamHealth,
+    upstream: LatestFailure<String>,
     /// Whether inbox writes are failing, as the latest ones found.
-    writes: WriteHealth,
+    writes: LatestFailure<StoreError>,
     counters: Counters,
     metrics: PipelineMetrics,
     /// Ids claimed by this instance and not yet settled (being fetched, or their outcome
@@ -389,14 +364,24 @@ impl PipelineHandle {
     /// `Err` with the cause while the upstream is failing: the latest fetch that ended
     /// found it unreachable, timing out or answering 5xx/429 after every retry.
     pub fn upstream_health(&self) -> Result<(), String> {
-        self.shared.upstream.health()
+        self.shared
+            .upstream
+            .current()
+            .map_or(Ok(()), |(_, cause)| Err(cause))
     }
 
     /// The error of the latest inbox write while writes are failing (the disk is full, say)
     /// though the database may still answer reads; `Ok` once a write succeeds again, or
     /// when none has been tried for a while.
     pub fn write_health(&self) -> Result<(), StoreError> {
-        self.shared.writes.health(self.shared.clock.now())
+        match self.shared.writes.current() {
+            Some((at, err))
+                if self.shared.clock.now() < at.saturating_add(WRITE_FAILURE_REPORTED_FOR) =>
+            {
+                Err(err)
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -436,8 +421,8 @@ impl Pipeline {
             db,
             propagation,
             failure_log: LogBudget::new(FAILURE_LINES_PER_SECOND),
-            upstream: UpstreamHealth::default(),
-            writes: WriteHealth::default(),
+            upstream: LatestFailure::default(),
+            writes: LatestFailure::default(),
             counters: Counters {
                 oldest: AtomicI64::new(i64::MIN),
                 ..Counters::default()
@@ -506,20 +491,23 @@ impl Pipeline {
         drop(handle); // the ingest writer ends once every handle is gone
         stop_claiming.cancel();
         let _ = monitor.await;
-        let mut completer_done = false;
-        let finished = async {
+        let deadline = tokio::time::Instant::now() + grace;
+        let fetched = tokio::time::timeout_at(deadline, async {
             let mut fetches = dispatcher.await.unwrap_or_default();
             while fetches.join_next().await.is_some() {}
-            // Every fetch has handed its outcome over and dropped its sender, as has the
-            // dispatcher: the completer commits what it holds, then returns.
-            let _ = (&mut completer).await;
-            completer_done = true;
-        };
-        let drained = tokio::time::timeout(grace, finished).await.is_ok();
+        })
+        .await
+        .is_ok();
+        // Every fetch has handed its outcome over and dropped its sender, as has the
+        // dispatcher: the completer commits what it holds, then returns.
+        let drained = fetched
+            && tokio::time::timeout_at(deadline, &mut completer)
+                .await
+                .is_ok();
         let in_flight =
             usize::try_from(shared.unsettled.load(Ordering::Acquire)).unwrap_or(usize::MAX);
         abort.cancel();
-        if !completer_done {
+        if !drained {
             let _ = completer.await;
         }
         if tokio::time::timeout(grace, ingest).await.is_err() {
@@ -567,10 +555,9 @@ async fn ingest(shared: Arc<Shared>, mut requests: mpsc::Receiver<Request>, max_
             );
         }
         // No sorting here: the inbox adapters order the ids themselves (lock order).
-        let outcome = shared.db.enqueue(&ids, shared.clock.now()).await;
-        shared
-            .writes
-            .note(outcome.as_ref().map(|_| ()), shared.clock.now());
+        let now = shared.clock.now();
+        let outcome = shared.db.enqueue(&ids, now).await;
+        shared.writes.note(outcome.as_ref().err().cloned(), now);
         match &outcome {
             Ok(()) => {
                 let c = &shared.counters;
@@ -719,7 +706,10 @@ async fn fetch(
     };
     m.fetch_duration.record(metrics::seconds(started.elapsed()));
     let now = shared.clock.now();
-    shared.upstream.note(answer.as_ref().err());
+    let transient = answer.as_ref().err().filter(|err| err.is_transient());
+    shared
+        .upstream
+        .note(transient.map(ToString::to_string), now);
     let answer = answer.and_then(|status| {
         if status.id == id {
             Ok(status)
@@ -863,17 +853,13 @@ async fn settle_with_retries(
     let mut pause = shared.config.retry_base;
     loop {
         let started = tokio::time::Instant::now();
-        let again_from = shared
-            .clock
-            .now()
-            .saturating_add(shared.config.refetch_delay);
+        let now = shared.clock.now();
+        let again_from = now.saturating_add(shared.config.refetch_delay);
         let outcome = shared
             .db
             .complete(&shared.config.owner, completions, again_from)
             .await;
-        shared
-            .writes
-            .note(outcome.as_ref().map(|_| ()), shared.clock.now());
+        shared.writes.note(outcome.as_ref().err().cloned(), now);
         match outcome {
             Ok(()) => {
                 // Ids requested again during their fetch are claimable from `again_from`.
