@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use deadpool::managed::{Hook, HookError, HookFuture, Metrics, QueueMode};
 use diesel::pg::Pg;
 use diesel::pg::data_types::PgTimestamp;
 use diesel::prelude::*;
@@ -287,6 +288,36 @@ async fn migrate_when_reachable(settings: Arc<Settings>, readiness: Weak<Readine
     }
 }
 
+/// How long a pooled connection may sit unused before a checkout asks it `SELECT 1`.
+///
+/// A busy connection is not asked: that round trip was half of those the
+/// group-commit writer sends. One whose server went away within this window fails the
+/// caller's statement instead, as any statement in flight during an outage does.
+const VERIFY_IDLE_AFTER: Duration = Duration::from_secs(1);
+
+/// Checkout hook: `SELECT 1` on a connection unused for [`VERIFY_IDLE_AFTER`] or longer;
+/// one that fails it, or gives no answer within `timeout` (a peer gone without closing the
+/// socket), is dropped and the pool takes (or opens) another.
+fn verify_if_idle<'a>(
+    conn: &'a mut AsyncPgConnection,
+    metrics: &'a Metrics,
+    timeout: Duration,
+) -> HookFuture<'a, diesel_async::pooled_connection::PoolError> {
+    Box::pin(async move {
+        if metrics.last_used() < VERIFY_IDLE_AFTER {
+            return Ok(());
+        }
+        let ping = diesel::select(1_i32.into_sql::<Integer>()).get_result::<i32>(conn);
+        match tokio::time::timeout(timeout, ping).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(err)) => Err(HookError::Backend(
+                diesel_async::pooled_connection::PoolError::QueryError(err),
+            )),
+            Err(_) => Err(HookError::message("no answer to SELECT 1 in time")),
+        }
+    })
+}
+
 /// A tokio-postgres error with its cause: the server's message and SQLSTATE, or the I/O
 /// error. tokio-postgres never puts the password in either.
 fn describe_driver_error(err: &tokio_postgres::Error) -> String {
@@ -378,9 +409,11 @@ impl PgStore {
         };
 
         let mut config = ManagerConfig::<AsyncPgConnection>::default();
-        // `SELECT 1` on every checkout: a connection the server closed or lost is found
-        // and replaced before a caller's statement fails on it.
-        config.recycling_method = RecyclingMethod::Verified;
+        // A connection whose socket closed (server restarted, session killed) is dropped
+        // at checkout by the manager's own broken-connection check; one that sat idle for
+        // a while is also asked `SELECT 1` first (see `verify_if_idle`), so one lost
+        // silently is replaced before a caller's statement fails on it.
+        config.recycling_method = RecyclingMethod::Fast;
         let setup = Arc::clone(&settings);
         config.custom_setup = Box::new(move |_url: &str| {
             let settings = Arc::clone(&setup);
@@ -389,11 +422,19 @@ impl PgStore {
         // The manager's url is only handed back to `custom_setup`, which ignores it: it
         // gets the server's description, so the password lives in `Settings` alone.
         let manager = AsyncDieselConnectionManager::new_with_config(server.clone(), config);
+        // The pool's recycle timeout does not cover its hooks: the idle check has its own.
+        let verify_timeout = options.connect_timeout;
         let pool = Pool::builder(manager)
             .max_size(options.max_connections)
             .wait_timeout(Some(options.wait_timeout))
             .create_timeout(Some(options.connect_timeout))
             .recycle_timeout(Some(options.connect_timeout))
+            // The most recently returned connection first: under load the same few stay
+            // busy (and skip the idle check), the rest idle and are checked before reuse.
+            .queue_mode(QueueMode::Lifo)
+            .pre_recycle(Hook::async_fn(move |conn, metrics| {
+                verify_if_idle(conn, metrics, verify_timeout)
+            }))
             .runtime(deadpool::Runtime::Tokio1)
             .build()
             .map_err(OpenError::Pool)?;

@@ -128,7 +128,7 @@ async fn a_batch_is_one_statement_whatever_its_size() {
         .lock()
         .expect("not poisoned")
         .iter()
-        // The pool's `SELECT 1` check on every checkout.
+        // The pool's `SELECT 1` check, should the connection have idled for a second.
         .filter(|verb| !verb.starts_with("SELECT"))
         .cloned()
         .collect();
@@ -399,7 +399,7 @@ async fn an_enqueue_is_one_statement_and_a_completion_one_transaction() {
         .lock()
         .expect("not poisoned")
         .iter()
-        // The pool's `SELECT 1` check on every checkout.
+        // The pool's `SELECT 1` check, should the connection have idled for a second.
         .filter(|verb| verb.as_str() != "SELECT $1")
         .cloned()
         .collect();
