@@ -531,30 +531,28 @@ impl Pipeline {
 
 /// The group-commit writer: one inbox transaction for every callback waiting at once.
 async fn ingest(shared: Arc<Shared>, mut requests: mpsc::Receiver<Request>, max_group: usize) {
-    let mut batch = Vec::with_capacity(max_group);
+    let mut batch: Vec<Request> = Vec::with_capacity(max_group);
+    // Every id of the group with the index of its callback. Each callback's ids are
+    // ascending, so a stable sort by id merges those runs; the first of each id is then
+    // the first callback naming it, whose trace context the id keeps.
+    let mut named: Vec<(ObjectId, usize)> = Vec::new();
     let mut ids: Vec<Requested> = Vec::new();
-    let mut seen: HashSet<ObjectId> = HashSet::new();
     loop {
         batch.clear();
         if requests.recv_many(&mut batch, max_group).await == 0 {
             return; // every handle is gone
         }
-        ids.clear();
-        seen.clear();
-        for request in &batch {
-            ids.extend(
-                request
-                    .ids
-                    .as_slice()
-                    .iter()
-                    .filter(|id| seen.insert(**id))
-                    .map(|&id| Requested {
-                        id,
-                        trace: request.trace.clone(),
-                    }),
-            );
+        named.clear();
+        for (index, request) in batch.iter().enumerate() {
+            named.extend(request.ids.as_slice().iter().map(|&id| (id, index)));
         }
-        // No sorting here: the inbox adapters order the ids themselves (lock order).
+        named.sort_by_key(|&(id, _)| id);
+        named.dedup_by_key(|(id, _)| *id);
+        ids.clear();
+        ids.extend(named.iter().map(|&(id, index)| Requested {
+            id,
+            trace: batch[index].trace.clone(),
+        }));
         let now = shared.clock.now();
         let outcome = shared.db.enqueue(&ids, now).await;
         shared.writes.note(outcome.as_ref().err().cloned(), now);
