@@ -4,6 +4,7 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -52,11 +53,37 @@ pub async fn build_release(root: &Path) -> anyhow::Result<Bins> {
 /// Log lines kept for the address search; later ones are dropped, never blocking the child.
 const LOG_BUFFER: usize = 256;
 
-/// A running child whose log lines are watched for the address it listens on.
+/// Warning and error lines kept word for word; later ones are only counted.
+const PROBLEMS_KEPT: usize = 5;
+
+/// The warnings and errors a child logged: how many, and the first few.
+#[derive(Debug, Default)]
+pub struct Problems {
+    pub count: u64,
+    pub first: Vec<String>,
+}
+
+impl Problems {
+    /// Counts `line` when it is a warning or an error of the text log format
+    /// (`<time>  WARN <target>: …`).
+    fn note(&mut self, line: &str) {
+        let level = line.split_whitespace().nth(1);
+        if matches!(level, Some("WARN" | "ERROR")) {
+            self.count += 1;
+            if self.first.len() < PROBLEMS_KEPT {
+                self.first.push(line.to_owned());
+            }
+        }
+    }
+}
+
+/// A running child whose log lines are watched for the address it listens on, and for
+/// warnings and errors.
 #[derive(Debug)]
 pub struct Proc {
     pub child: Child,
     lines: mpsc::Receiver<String>,
+    problems: Arc<Mutex<Problems>>,
 }
 
 impl Proc {
@@ -71,14 +98,30 @@ impl Proc {
             .context("spawn")?;
         let stderr = child.stderr.take().context("stderr")?;
         let (tx, lines) = mpsc::channel(LOG_BUFFER);
+        let problems = Arc::new(Mutex::new(Problems::default()));
+        let noted = Arc::clone(&problems);
         tokio::spawn(async move {
             let mut reader = BufReader::new(stderr).lines();
             while let Ok(Some(line)) = reader.next_line().await {
+                noted.lock().expect("not poisoned").note(&line);
                 // Keep reading when nobody looks any more: a full pipe would stall the child.
                 let _ = tx.try_send(line);
             }
         });
-        Ok(Self { child, lines })
+        Ok(Self {
+            child,
+            lines,
+            problems,
+        })
+    }
+
+    /// The warnings and errors logged so far.
+    pub fn problems(&self) -> Problems {
+        let problems = self.problems.lock().expect("not poisoned");
+        Problems {
+            count: problems.count,
+            first: problems.first.clone(),
+        }
     }
 
     /// Waits for a log line containing `marker` and returns the first socket address in it.
@@ -333,12 +376,42 @@ impl Stack {
     }
 
     /// Stops the service, then the simulator (the service may finish fetches while it
-    /// drains), then removes the database file.
+    /// drains), then removes the database file; says what the service logged as warnings
+    /// or errors, when it did (the bench silences `domain::pipeline` below errors).
     pub async fn stop(self) -> anyhow::Result<()> {
+        let problems = self.service.problems();
+        if problems.count > 0 {
+            eprintln!(
+                "bench: callback-service logged {} warnings or errors; the first:",
+                problems.count
+            );
+            for line in &problems.first {
+                eprintln!("  {line}");
+            }
+        }
         let service = self.service.stop().await.context("stop callback-service");
         let upstream = self.upstream.stop().await.context("stop client-service");
         drop(self.work);
         service?;
         upstream
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warnings_and_errors_are_counted_and_the_first_kept() {
+        let mut problems = Problems::default();
+        problems.note("2026-12-05T07:00:00.000001Z  INFO callback_service: api listening");
+        problems.note("2026-12-05T07:00:00.000002Z  WARN domain::pipeline: cannot claim");
+        problems.note("the service said WARN, but not as its level");
+        for n in 0..PROBLEMS_KEPT {
+            problems.note(&format!("2026-12-05T07:00:01Z ERROR storage: failure {n}"));
+        }
+        assert_eq!(problems.count, 1 + PROBLEMS_KEPT as u64);
+        assert_eq!(problems.first.len(), PROBLEMS_KEPT);
+        assert!(problems.first[0].contains("cannot claim"));
     }
 }
