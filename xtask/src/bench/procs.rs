@@ -57,7 +57,7 @@ const LOG_BUFFER: usize = 256;
 const PROBLEMS_KEPT: usize = 5;
 
 /// The warnings and errors a child logged: how many, and the first few.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Problems {
     pub count: u64,
     pub first: Vec<String>,
@@ -117,11 +117,7 @@ impl Proc {
 
     /// The warnings and errors logged so far.
     pub fn problems(&self) -> Problems {
-        let problems = self.problems.lock().expect("not poisoned");
-        Problems {
-            count: problems.count,
-            first: problems.first.clone(),
-        }
+        self.problems.lock().expect("not poisoned").clone()
     }
 
     /// Waits for a log line containing `marker` and returns the first socket address in it.
