@@ -73,20 +73,44 @@ impl Counts {
         self.slowest_us.fetch_max(micros, Ordering::Relaxed);
     }
 
-    fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
+    /// The counts now.
+    fn tally(&self) -> Tally {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        Tally {
+            accepted: get(&self.accepted),
+            non_2xx: get(&self.non_2xx),
+            errors: get(&self.errors),
+            slowest_ms: get(&self.slowest_us) as f64 / 1_000.0,
+        }
+    }
+}
+
+/// One reading of [`Counts`].
+#[derive(Debug, Clone, Copy)]
+struct Tally {
+    accepted: u64,
+    non_2xx: u64,
+    errors: u64,
+    slowest_ms: f64,
+}
+
+impl Tally {
+    /// Both senders' answers together.
+    fn plus(self, other: Tally) -> Tally {
+        Tally {
+            accepted: self.accepted + other.accepted,
+            non_2xx: self.non_2xx + other.non_2xx,
+            errors: self.errors + other.errors,
+            slowest_ms: self.slowest_ms.max(other.slowest_ms),
+        }
     }
 
-    fn slowest_ms(&self) -> f64 {
-        Self::get(&self.slowest_us) as f64 / 1_000.0
-    }
-
-    fn to_json(&self) -> serde_json::Value {
+    fn to_json(self) -> serde_json::Value {
         json!({
-            "accepted": Self::get(&self.accepted),
-            "non_2xx": Self::get(&self.non_2xx),
-            "errors": Self::get(&self.errors),
-            "slowest_ms": num(self.slowest_ms()),
+            "accepted": self.accepted,
+            "non_2xx": self.non_2xx,
+            "errors": self.errors,
+            "slowest_ms": num(self.slowest_ms),
         })
     }
 }
@@ -110,9 +134,7 @@ fn largest(values: &[f64]) -> f64 {
 }
 
 fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted[sorted.len() / 2]
+    report::percentile(&report::sorted(values.to_vec()), 50.0)
 }
 
 /// The trend of `samples`, judged by `grew(middle third, last third)`.
@@ -238,7 +260,7 @@ pub async fn run(
                         started.elapsed().as_secs_f64(),
                         rss.last().copied().unwrap_or(f64::NAN),
                         fds.last().copied().unwrap_or(f64::NAN),
-                        Counts::get(&reference_counts.accepted) + Counts::get(&fresh_counts.accepted),
+                        reference_counts.tally().plus(fresh_counts.tally()).accepted,
                     );
                 }
             }
@@ -264,12 +286,13 @@ pub async fn run(
     };
     let rss_trend = judged(rss_trend(&rss));
     let fd_trend = judged(fd_trend(&fds));
-    let both = |counter: fn(&Counts) -> &AtomicU64| {
-        Counts::get(counter(&reference_counts)) + Counts::get(counter(&fresh_counts))
-    };
-    let accepted = both(|c| &c.accepted);
-    let non_2xx = both(|c| &c.non_2xx);
-    let errors = both(|c| &c.errors);
+    let (reference_tally, fresh_tally) = (reference_counts.tally(), fresh_counts.tally());
+    let Tally {
+        accepted,
+        non_2xx,
+        errors,
+        ..
+    } = reference_tally.plus(fresh_tally);
     let not_sent = reference_sent.skipped + fresh_sent.skipped;
     let grew = |t: Option<Trend>| match t.and_then(|t| t.grew) {
         Some(true) => "yes",
@@ -305,13 +328,11 @@ pub async fn run(
         non_2xx.to_string(),
         format!(
             "{errors} ({} / {})",
-            Counts::get(&reference_counts.errors),
-            Counts::get(&fresh_counts.errors)
+            reference_tally.errors, fresh_tally.errors
         ),
         format!(
             "{:.0} ms / {:.0} ms",
-            reference_counts.slowest_ms(),
-            fresh_counts.slowest_ms()
+            reference_tally.slowest_ms, fresh_tally.slowest_ms
         ),
         not_sent.to_string(),
         reads.load(Ordering::Relaxed).to_string(),
@@ -355,8 +376,8 @@ pub async fn run(
         "accepted": accepted,
         "non_2xx": non_2xx,
         "errors": errors,
-        "reference": reference_counts.to_json(),
-        "fresh": fresh_counts.to_json(),
+        "reference": reference_tally.to_json(),
+        "fresh": fresh_tally.to_json(),
         "not_sent": not_sent,
         "service_cpu_percent": cpu_percent.map(num),
         "rss_mb": trend_json(rss_trend),
