@@ -357,6 +357,16 @@ pub struct Service {
     pub database: Arc<Database>,
     dir: Arc<tempfile::TempDir>,
     env: Vec<(String, String)>,
+    /// Its `pipeline.instance_id`: every instance the harness starts on one machine has a
+    /// name of its own, except a [`Service::restarted`] one, which keeps its predecessor's.
+    pub instance_id: String,
+}
+
+/// A `pipeline.instance_id` no other instance of this test process has.
+fn fresh_instance_id() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("test-{}-{n}", std::process::id())
 }
 
 impl Service {
@@ -385,7 +395,9 @@ impl Service {
             ),
         ];
         all.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
-        Self::spawn(Arc::new(database), dir, all).await.map(Some)
+        Self::spawn(Arc::new(database), dir, all, fresh_instance_id())
+            .await
+            .map(Some)
     }
 
     /// Starts the service on `database`, which it reaches at `database_url` (the
@@ -412,16 +424,30 @@ impl Service {
             ),
         ];
         all.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
-        Self::spawn(Arc::new(database), dir, all).await
+        Self::spawn(Arc::new(database), dir, all, fresh_instance_id()).await
     }
 
-    /// Another instance on the same database with the same settings and fresh ports: a
-    /// restart after a kill, or a second instance beside this one.
+    /// Another instance on the same database with the same settings, fresh ports and a
+    /// name of its own: a second instance beside this one, or a replacement on another
+    /// machine after a kill.
     pub async fn another(&self) -> anyhow::Result<Self> {
         Self::spawn(
             Arc::clone(&self.database),
             Arc::clone(&self.dir),
             self.env.clone(),
+            fresh_instance_id(),
+        )
+        .await
+    }
+
+    /// This instance started again (after a kill, say): the same settings and the same
+    /// `pipeline.instance_id`, fresh ports.
+    pub async fn restarted(&self) -> anyhow::Result<Self> {
+        Self::spawn(
+            Arc::clone(&self.database),
+            Arc::clone(&self.dir),
+            self.env.clone(),
+            self.instance_id.clone(),
         )
         .await
     }
@@ -430,13 +456,15 @@ impl Service {
         database: Arc<Database>,
         dir: Arc<tempfile::TempDir>,
         env: Vec<(String, String)>,
+        instance_id: String,
     ) -> anyhow::Result<Self> {
         let mut command = Command::new(&bins().callback_service);
         command
             .current_dir(dir.path())
             .env("RUST_LOG", "info")
             .env("CALLBACK_HTTP__LISTEN", "127.0.0.1:0")
-            .env("CALLBACK_ADMIN__LISTEN", "127.0.0.1:0");
+            .env("CALLBACK_ADMIN__LISTEN", "127.0.0.1:0")
+            .env("CALLBACK_PIPELINE__INSTANCE_ID", &instance_id);
         for (key, value) in &env {
             command.env(key, value);
         }
@@ -454,6 +482,7 @@ impl Service {
             database,
             dir,
             env,
+            instance_id,
         })
     }
 

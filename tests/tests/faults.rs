@@ -39,11 +39,15 @@ const POLL: Duration = Duration::from_millis(10);
 const SETTLE_POLL: Duration = Duration::from_millis(25);
 const TTL: Duration = Duration::from_secs(600);
 
-/// Short upstream timeouts so that every upstream fault plays out within about a second.
+/// Short upstream timeouts so that every upstream fault plays out within about a second,
+/// and a retry horizon as short as the in-process retries: an id whose fetch still fails
+/// transiently after them is a dead letter at once, with the cause these cases check
+/// (the durable retry schedule itself is `outage.rs`'s subject).
 const FAST_FAULTS: &[(&str, &str)] = &[
     ("CALLBACK_UPSTREAM__REQUEST_TIMEOUT_MS", "300"),
     ("CALLBACK_UPSTREAM__CONNECT_TIMEOUT_MS", "200"),
     ("CALLBACK_UPSTREAM__RETRY_DEADLINE_MS", "1000"),
+    ("CALLBACK_UPSTREAM__RETRY_HORIZON_MS", "1000"),
     ("CALLBACK_PIPELINE__LEASE_MS", "3000"),
     ("CALLBACK_PIPELINE__POLL_INTERVAL_MS", "100"),
 ];

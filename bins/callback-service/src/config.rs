@@ -90,6 +90,8 @@ pub struct Config {
     pub expiry: ExpirySection,
     /// The fetch → store pipeline.
     pub pipeline: PipelineSection,
+    /// `[failures]`.
+    pub failures: FailuresSection,
     /// Logs, traces and heap profiling.
     pub telemetry: TelemetrySection,
 }
@@ -185,8 +187,16 @@ pub struct UpstreamSection {
     pub request_timeout_ms: u64,
     /// Timeout of one connection attempt.
     pub connect_timeout_ms: u64,
-    /// How long one id's fetch may keep retrying transient failures.
+    /// How long one fetch may keep retrying transient failures in-process before the id
+    /// is handed back to the inbox for a later attempt.
     pub retry_deadline_ms: u64,
+    /// The longest pause before the first attempt from the inbox; it doubles per failure.
+    pub retry_first_delay_ms: u64,
+    /// The longest pause between two attempts from the inbox.
+    pub retry_max_delay_ms: u64,
+    /// How long after its first request an id keeps being retried before it becomes a
+    /// dead letter.
+    pub retry_horizon_ms: u64,
     /// Most upstream requests in flight at once.
     pub max_in_flight: usize,
 }
@@ -197,7 +207,10 @@ impl Default for UpstreamSection {
             base_url: "http://127.0.0.1:9010".to_owned(),
             request_timeout_ms: 5_000,
             connect_timeout_ms: 1_000,
-            retry_deadline_ms: 15_000,
+            retry_deadline_ms: 2_000,
+            retry_first_delay_ms: 1_000,
+            retry_max_delay_ms: 300_000,
+            retry_horizon_ms: 86_400_000,
             max_in_flight: 512,
         }
     }
@@ -242,6 +255,9 @@ pub struct PipelineSection {
     pub refetch_delay_ms: u64,
     /// How long the first fetch outcome waits for others to share its store transaction.
     pub store_linger_ms: u64,
+    /// The name this instance takes leases under; empty = the host name. Must be unique per
+    /// running instance and stay the same across its restarts.
+    pub instance_id: String,
 }
 
 impl Default for PipelineSection {
@@ -255,6 +271,23 @@ impl Default for PipelineSection {
             poll_interval_ms: 1_000,
             refetch_delay_ms: 250,
             store_linger_ms: 100,
+            instance_id: String::new(),
+        }
+    }
+}
+
+/// `[failures]`: the dead letters.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FailuresSection {
+    /// How long a dead letter is kept unless replayed or purged first; 0 = for ever.
+    pub retention_ms: u64,
+}
+
+impl Default for FailuresSection {
+    fn default() -> Self {
+        Self {
+            retention_ms: 7 * 24 * 3_600_000,
         }
     }
 }
@@ -372,6 +405,19 @@ impl Config {
             if value == 0 {
                 bail!("invalid configuration: {key} must be greater than 0");
             }
+        }
+        if self.upstream.retry_first_delay_ms > self.upstream.retry_max_delay_ms {
+            bail!(
+                "invalid configuration: upstream.retry_first_delay_ms ({}) must not exceed upstream.retry_max_delay_ms ({})",
+                self.upstream.retry_first_delay_ms,
+                self.upstream.retry_max_delay_ms
+            );
+        }
+        let instance = &self.pipeline.instance_id;
+        if instance.len() > 200 || instance.chars().any(char::is_control) {
+            bail!(
+                "invalid configuration: pipeline.instance_id must be at most 200 printable characters, got {instance:?}"
+            );
         }
         if self.pipeline.lease_ms <= self.upstream.retry_deadline_ms {
             bail!(

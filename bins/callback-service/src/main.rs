@@ -119,11 +119,10 @@ async fn run(config: Config, metrics: telemetry::metrics::MetricsHandle) -> anyh
             tracing::info!(freed, "took back work claimed by a previous run");
         }
     }
-    let owner = format!(
-        "callback-service-{}-{}",
-        std::process::id(),
-        clock.now().as_unix_micros()
-    );
+    // Stable across restarts: the pipeline takes back this instance's own stale leases
+    // (left by a kill) as soon as the database answers.
+    let owner = instance_id(&config.pipeline.instance_id);
+    tracing::info!(instance_id = %owner, "leases are taken under this instance id");
 
     let api = TcpListener::bind(config.http.listen)
         .await
@@ -150,6 +149,15 @@ async fn run(config: Config, metrics: telemetry::metrics::MetricsHandle) -> anyh
             refetch_delay: ms(config.pipeline.refetch_delay_ms),
             store_linger: ms(config.pipeline.store_linger_ms),
             owner,
+            retry: domain::retry::RetryPolicy {
+                first_delay: ms(config.upstream.retry_first_delay_ms),
+                max_delay: ms(config.upstream.retry_max_delay_ms),
+                horizon: ms(config.upstream.retry_horizon_ms),
+            },
+            // Instances that start together do not retry in step.
+            jitter_seed: u64::from(std::process::id())
+                ^ clock.now().as_unix_micros().cast_unsigned(),
+            failure_retention: ms(config.failures.retention_ms),
             ..PipelineConfig::default()
         },
     );
@@ -265,4 +273,18 @@ async fn wait_for_signal() -> anyhow::Result<&'static str> {
             .context("cannot listen for Ctrl-C")?;
         Ok("Ctrl-C")
     }
+}
+
+/// The name this instance takes leases under: `pipeline.instance_id`, else the host name
+/// (unique per machine or container, and the same across restarts), else a fixed name.
+fn instance_id(configured: &str) -> String {
+    if !configured.is_empty() {
+        return configured.to_owned();
+    }
+    let from_kernel = std::fs::read_to_string("/proc/sys/kernel/hostname").ok();
+    from_kernel
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "callback-service".to_owned())
 }

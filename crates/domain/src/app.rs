@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use crate::id::{DistinctIds, ObjectId};
 use crate::pipeline::{PipelineHandle, PipelineStats, SubmitError};
-use crate::ports::{Clock, FailureRecord, ObjectStore, StoreError, StoredObject};
+use crate::ports::{
+    Clock, DeadLetter, FailureFilter, FailureQuery, ObjectStore, StoreError, StoredObject,
+};
 
 /// What an accepted callback was recorded as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,8 +160,20 @@ impl Application {
         self.pipeline.stats()
     }
 
-    /// Up to `limit` ids whose processing failed, newest first, as the database keeps them.
-    pub async fn recent_failures(&self, limit: usize) -> Result<Vec<FailureRecord>, StoreError> {
-        self.pipeline.recent_failures(limit).await
+    /// The dead letters (ids whose processing failed for good) `query` selects, newest
+    /// first, as the database keeps them.
+    pub async fn failures(&self, query: &FailureQuery) -> Result<Vec<DeadLetter>, StoreError> {
+        self.pipeline.failures(query).await
+    }
+
+    /// Puts the objects of the dead letters `filter` selects back in the inbox, so they are
+    /// fetched again; returns how many dead letters were replayed.
+    pub async fn replay_failures(&self, filter: &FailureFilter) -> Result<u64, StoreError> {
+        self.pipeline.replay_failures(filter).await
+    }
+
+    /// Deletes the dead letters `filter` selects; returns how many went.
+    pub async fn purge_failures(&self, filter: &FailureFilter) -> Result<u64, StoreError> {
+        self.pipeline.purge_failures(filter).await
     }
 }

@@ -11,6 +11,7 @@ pub mod log_budget;
 pub mod metrics;
 pub mod pipeline;
 pub mod ports;
+pub mod retry;
 pub mod time;
 
 #[cfg(any(test, feature = "testing"))]
@@ -21,8 +22,9 @@ pub use expiry::{ExpiryConfig, ExpiryWaker, Sweeper};
 pub use id::{DistinctIds, InvalidObjectId, ObjectId};
 pub use pipeline::{Pipeline, PipelineConfig, PipelineHandle, PipelineStats, SubmitError};
 pub use ports::{
-    Backlog, BoxFuture, Claim, Clock, Completion, Database, FailureRecord, FetchError, Inbox,
-    NoTracePropagation, ObjectSource, ObjectStatus, ObjectStore, Outcome, Requested, StoreError,
-    StoredObject, TraceParent, TracePropagation,
+    Backlog, BoxFuture, Claim, Clock, Completion, Database, DeadLetter, FailureFilter,
+    FailureQuery, FailureRecord, FetchError, Inbox, NoTracePropagation, ObjectSource, ObjectStatus,
+    ObjectStore, Outcome, Requested, Retry, StoreError, StoredObject, TraceParent,
+    TracePropagation,
 };
 pub use time::{SystemClock, Timestamp};

@@ -24,8 +24,20 @@ pub const INBOX_BACKLOG: &str = "inbox_backlog_ids";
 pub const INBOX_OLDEST_PENDING: &str = "inbox_oldest_pending_seconds";
 /// Finished upstream fetches, by `outcome`.
 pub const FETCHES: &str = "fetches_total";
-/// Failed fetches, by error `code`.
+/// Ids recorded as dead letters (failed for good), by error `code`.
 pub const FETCH_FAILURES: &str = "fetch_failures_total";
+/// Transient fetch failures handed back to the inbox for a later attempt, by error `code`.
+pub const RETRIES_SCHEDULED: &str = "fetch_retries_scheduled_total";
+/// How many fetches an id took until it settled (stored, offline or dead letter).
+pub const FETCH_ATTEMPTS: &str = "fetch_attempts";
+/// Ids waiting in the inbox for a retry after a transient failure.
+pub const INBOX_RETRYING: &str = "inbox_retrying_ids";
+/// How long the longest-waiting retrying id has waited since its first request.
+pub const INBOX_OLDEST_RETRYING: &str = "inbox_oldest_retrying_seconds";
+/// Dead letters put back in the inbox by an operator.
+pub const DEAD_LETTERS_REPLAYED: &str = "dead_letters_replayed_total";
+/// Dead letters deleted, by `reason` (`operator`, `retention`).
+pub const DEAD_LETTERS_PURGED: &str = "dead_letters_purged_total";
 /// How long one `ObjectSource::fetch` took, retries included.
 pub const UPSTREAM_FETCH_DURATION: &str = "upstream_fetch_duration_seconds";
 /// Upstream fetches running now.
@@ -76,12 +88,42 @@ pub fn describe() {
     describe_counter!(
         FETCHES,
         Unit::Count,
-        "finished upstream fetches, by outcome (online, offline, failed)"
+        "finished upstream fetches, by outcome (online, offline, retry, failed)"
     );
     describe_counter!(
         FETCH_FAILURES,
         Unit::Count,
-        "ids recorded as failed, by error code"
+        "ids recorded as dead letters (failed for good), by error code"
+    );
+    describe_counter!(
+        RETRIES_SCHEDULED,
+        Unit::Count,
+        "transient fetch failures handed back to the inbox for a later attempt, by error code"
+    );
+    describe_histogram!(
+        FETCH_ATTEMPTS,
+        Unit::Count,
+        "fetches an id took until it settled (stored, offline or dead letter)"
+    );
+    describe_gauge!(
+        INBOX_RETRYING,
+        Unit::Count,
+        "ids waiting in the inbox for a retry after a transient failure, as last read"
+    );
+    describe_gauge!(
+        INBOX_OLDEST_RETRYING,
+        Unit::Seconds,
+        "how long the longest-waiting retrying id has waited since its first request"
+    );
+    describe_counter!(
+        DEAD_LETTERS_REPLAYED,
+        Unit::Count,
+        "dead letters put back in the inbox by an operator"
+    );
+    describe_counter!(
+        DEAD_LETTERS_PURGED,
+        Unit::Count,
+        "dead letters deleted, by reason (operator, retention)"
     );
     describe_histogram!(
         UPSTREAM_FETCH_DURATION,
@@ -144,6 +186,11 @@ pub(crate) struct PipelineMetrics {
     pub(crate) online: Counter,
     pub(crate) offline: Counter,
     pub(crate) failed: Counter,
+    pub(crate) retried: Counter,
+    pub(crate) attempts: Histogram,
+    pub(crate) retrying: Gauge,
+    pub(crate) oldest_retrying: Gauge,
+    pub(crate) dead_letters_replayed: Counter,
     pub(crate) fetch_duration: Histogram,
     pub(crate) in_flight: Gauge,
     pub(crate) batch_size: Histogram,
@@ -165,6 +212,11 @@ impl PipelineMetrics {
             online: counter!(FETCHES, "outcome" => "online"),
             offline: counter!(FETCHES, "outcome" => "offline"),
             failed: counter!(FETCHES, "outcome" => "failed"),
+            retried: counter!(FETCHES, "outcome" => "retry"),
+            attempts: histogram!(FETCH_ATTEMPTS),
+            retrying: gauge!(INBOX_RETRYING),
+            oldest_retrying: gauge!(INBOX_OLDEST_RETRYING),
+            dead_letters_replayed: counter!(DEAD_LETTERS_REPLAYED),
             fetch_duration: histogram!(UPSTREAM_FETCH_DURATION),
             in_flight: gauge!(FETCHES_IN_FLIGHT),
             batch_size: histogram!(STORE_BATCH_SIZE),

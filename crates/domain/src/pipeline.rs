@@ -27,9 +27,11 @@ use crate::id::{DistinctIds, ObjectId};
 use crate::log_budget::LogBudget;
 use crate::metrics::{self, PipelineMetrics};
 use crate::ports::{
-    Backlog, Claim, Clock, Completion, Database, FailureRecord, FetchError, ObjectSource, Outcome,
-    Requested, StoreError, StoredObject, TraceParent, TracePropagation,
+    Backlog, Claim, Clock, Completion, Database, DeadLetter, FailureFilter, FailureQuery,
+    FailureRecord, FetchError, ObjectSource, Outcome, Requested, Retry, StoreError, StoredObject,
+    TraceParent, TracePropagation,
 };
+use crate::retry::{Jitter, RetryPolicy};
 use crate::time::Timestamp;
 
 /// How the pipeline behaves.
@@ -62,8 +64,16 @@ pub struct PipelineConfig {
     pub refetch_delay: Duration,
     /// The first pause after a failed inbox operation; it doubles up to five seconds.
     pub retry_base: Duration,
-    /// The name leases are taken under; unique per running instance.
+    /// The name leases are taken under; unique per running instance, and the same across
+    /// its restarts so that a restarted instance takes its own leases back at once.
     pub owner: String,
+    /// When a transiently failed fetch is tried again, and for how long.
+    pub retry: RetryPolicy,
+    /// Seeds the retry jitter.
+    pub jitter_seed: u64,
+    /// How long a dead letter is kept unless an operator replays or purges it first;
+    /// `Duration::ZERO` keeps them for ever.
+    pub failure_retention: Duration,
 }
 
 impl Default for PipelineConfig {
@@ -80,6 +90,9 @@ impl Default for PipelineConfig {
             refetch_delay: Duration::from_millis(250),
             retry_base: Duration::from_millis(100),
             owner: "callback-service".to_owned(),
+            retry: RetryPolicy::default(),
+            jitter_seed: 0x5EED,
+            failure_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -156,8 +169,10 @@ pub struct PipelineStats {
     pub online: u64,
     /// Fetches that reported the object offline.
     pub offline: u64,
-    /// Ids recorded as failed.
+    /// Ids recorded as failed for good (dead letters).
     pub failed: u64,
+    /// Transient failures handed back to the inbox for a later attempt.
+    pub retries_scheduled: u64,
     /// Objects written to the store.
     pub stored: u64,
     /// Completing transactions that wrote objects.
@@ -166,6 +181,12 @@ pub struct PipelineStats {
     pub pending_ids: u64,
     /// How long the longest-waiting id has waited, in milliseconds (as last seen).
     pub oldest_pending_ms: u64,
+    /// Of the pending ids, those waiting for a retry after a transient failure (as last
+    /// seen).
+    pub retrying_ids: u64,
+    /// How long the longest-waiting of the retrying ids has waited since its first
+    /// request, in milliseconds (as last seen).
+    pub oldest_retrying_ms: u64,
 }
 
 /// Why a callback was not accepted.
@@ -196,11 +217,15 @@ struct Counters {
     online: AtomicU64,
     offline: AtomicU64,
     failed: AtomicU64,
+    retries_scheduled: AtomicU64,
     stored: AtomicU64,
     store_batches: AtomicU64,
     pending: AtomicU64,
     /// Microseconds since the epoch of the oldest waiting request; `i64::MIN` for none.
     oldest: AtomicI64,
+    retrying: AtomicU64,
+    /// As `oldest`, of the ids waiting for a retry.
+    oldest_retrying: AtomicI64,
 }
 
 fn add(counter: &AtomicU64, n: usize) {
@@ -214,6 +239,8 @@ struct Shared {
     propagation: Arc<dyn TracePropagation>,
     /// Bounds the "fetch failed" lines when many ids fail at once (upstream down).
     failure_log: LogBudget,
+    /// Draws the pause before each retry.
+    jitter: Jitter,
     /// Whether the upstream is failing, as the latest fetches found it.
     upstream: LatestFailure<String>,
     /// Whether inbox writes are failing, as the latest ones found.
@@ -250,13 +277,21 @@ impl Shared {
         self.counters
             .pending
             .store(backlog.pending, Ordering::Relaxed);
-        let oldest = backlog.oldest.map_or(i64::MIN, Timestamp::as_unix_micros);
-        self.counters.oldest.store(oldest, Ordering::Relaxed);
-        self.metrics.backlog.set(backlog.pending as f64);
-        let waited = backlog.oldest.map_or(Duration::ZERO, |oldest| {
-            self.clock.now().saturating_duration_since(oldest)
-        });
-        self.metrics.oldest_pending.set(metrics::seconds(waited));
+        let c = &self.counters;
+        let micros = |at: Option<Timestamp>| at.map_or(i64::MIN, Timestamp::as_unix_micros);
+        c.oldest.store(micros(backlog.oldest), Ordering::Relaxed);
+        c.retrying.store(backlog.retrying, Ordering::Relaxed);
+        c.oldest_retrying
+            .store(micros(backlog.oldest_retrying), Ordering::Relaxed);
+        let now = self.clock.now();
+        let waited = |at: Option<Timestamp>| {
+            metrics::seconds(at.map_or(Duration::ZERO, |at| now.saturating_duration_since(at)))
+        };
+        let m = &self.metrics;
+        m.backlog.set(backlog.pending as f64);
+        m.oldest_pending.set(waited(backlog.oldest));
+        m.retrying.set(backlog.retrying as f64);
+        m.oldest_retrying.set(waited(backlog.oldest_retrying));
     }
 }
 
@@ -330,16 +365,13 @@ impl PipelineHandle {
     pub fn stats(&self) -> PipelineStats {
         let c = &self.shared.counters;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let oldest = c.oldest.load(Ordering::Relaxed);
-        let oldest_pending_ms = if oldest == i64::MIN {
-            0
-        } else {
-            let waited = self
-                .shared
-                .clock
-                .now()
-                .saturating_duration_since(Timestamp::from_unix_micros(oldest));
-            u64::try_from(waited.as_millis()).unwrap_or(u64::MAX)
+        let now = self.shared.clock.now();
+        let waited_ms = |at: &AtomicI64| match at.load(Ordering::Relaxed) {
+            i64::MIN => 0,
+            at => {
+                let waited = now.saturating_duration_since(Timestamp::from_unix_micros(at));
+                u64::try_from(waited.as_millis()).unwrap_or(u64::MAX)
+            }
         };
         PipelineStats {
             accepted_callbacks: load(&c.accepted_callbacks),
@@ -349,16 +381,52 @@ impl PipelineHandle {
             online: load(&c.online),
             offline: load(&c.offline),
             failed: load(&c.failed),
+            retries_scheduled: load(&c.retries_scheduled),
             stored: load(&c.stored),
             store_batches: load(&c.store_batches),
             pending_ids: load(&c.pending),
-            oldest_pending_ms,
+            oldest_pending_ms: waited_ms(&c.oldest),
+            retrying_ids: load(&c.retrying),
+            oldest_retrying_ms: waited_ms(&c.oldest_retrying),
         }
     }
 
-    /// Up to `limit` recorded failures, newest first.
-    pub async fn recent_failures(&self, limit: usize) -> Result<Vec<FailureRecord>, StoreError> {
-        self.shared.db.recent_failures(limit).await
+    /// The dead letters `query` selects, newest first.
+    pub async fn failures(&self, query: &FailureQuery) -> Result<Vec<DeadLetter>, StoreError> {
+        self.shared.db.failures(query).await
+    }
+
+    /// Puts the objects of the dead letters `filter` selects back in the inbox, to be
+    /// fetched again, and deletes those dead letters; returns how many were replayed.
+    pub async fn replay_failures(&self, filter: &FailureFilter) -> Result<u64, StoreError> {
+        let shared = &self.shared;
+        let replayed = shared
+            .db
+            .replay_failures(filter, shared.clock.now())
+            .await
+            .inspect_err(|_| metrics::store_error("replay_failures"))?;
+        if replayed > 0 {
+            shared.metrics.dead_letters_replayed.increment(replayed);
+            shared.work_ready.notify_one();
+            tracing::info!(replayed, ?filter, "dead letters replayed into the inbox");
+        }
+        Ok(replayed)
+    }
+
+    /// Deletes the dead letters `filter` selects; returns how many went.
+    pub async fn purge_failures(&self, filter: &FailureFilter) -> Result<u64, StoreError> {
+        let purged = self
+            .shared
+            .db
+            .purge_failures(filter)
+            .await
+            .inspect_err(|_| metrics::store_error("purge_failures"))?;
+        if purged > 0 {
+            ::metrics::counter!(metrics::DEAD_LETTERS_PURGED, "reason" => "operator")
+                .increment(purged);
+            tracing::info!(purged, ?filter, "dead letters purged by an operator");
+        }
+        Ok(purged)
     }
 
     /// `Err` with the cause while the upstream is failing: the latest fetch that ended
@@ -415,16 +483,19 @@ impl Pipeline {
         let max_in_flight = config.max_in_flight.max(1);
         let max_batch = config.max_batch.max(1);
         let max_group = config.max_group.max(1);
+        let jitter = Jitter::new(config.jitter_seed);
         let shared = Arc::new(Shared {
             config,
             clock,
             db,
             propagation,
             failure_log: LogBudget::new(FAILURE_LINES_PER_SECOND),
+            jitter,
             upstream: LatestFailure::default(),
             writes: LatestFailure::default(),
             counters: Counters {
                 oldest: AtomicI64::new(i64::MIN),
+                oldest_retrying: AtomicI64::new(i64::MIN),
                 ..Counters::default()
             },
             metrics: PipelineMetrics::register(),
@@ -604,6 +675,8 @@ async fn dispatch(
     // Whether the last claim took every free permit, so more work may be claimable as
     // soon as a permit frees up.
     let mut starved = false;
+    // Whether this instance's leases left by an earlier run (killed, say) were taken back.
+    let mut reclaimed = false;
     loop {
         tokio::select! {
             () = stop.cancelled() => return fetches,
@@ -613,6 +686,27 @@ async fn dispatch(
         }
         while fetches.try_join_next().is_some() {}
         wait = shared.config.poll_interval;
+        if !reclaimed {
+            // Nothing of this run is leased yet: every lease under our name is stale, and
+            // taking it back now saves waiting for it to run out.
+            match shared.db.release(Some(&shared.config.owner)).await {
+                Ok(freed) => {
+                    reclaimed = true;
+                    if freed > 0 {
+                        tracing::info!(freed, instance_id = %shared.config.owner,
+                            "took back the work an earlier run of this instance had claimed");
+                    }
+                }
+                Err(err) => {
+                    metrics::store_error("release");
+                    tracing::warn!(error = %err, retry_in = ?pause,
+                        "cannot take back this instance's earlier leases");
+                    wait = pause;
+                    pause = (pause * 2).min(MAX_RETRY_PAUSE);
+                    continue;
+                }
+            }
+        }
         // Ids handed back for a refetch become claimable at `next_claimable`: wake then.
         let now = shared.clock.now().as_unix_micros();
         let due = shared.next_claimable.load(Ordering::Acquire);
@@ -735,29 +829,82 @@ async fn fetch(
             m.offline.increment(1);
             Outcome::Offline
         }
-        Err(err) => {
-            span.record("outcome", err.code());
-            add(&shared.counters.failed, 1);
-            m.failed.increment(1);
-            ::metrics::counter!(metrics::FETCH_FAILURES, "code" => err.code()).increment(1);
-            if let Some(suppressed) = shared.failure_log.admit(now) {
-                span.in_scope(|| {
-                    tracing::warn!(object_id = %id, code = err.code(), error = %err,
-                        suppressed_since_last = suppressed, "fetch failed");
-                });
-            }
-            Outcome::Failed(FailureRecord {
-                id,
-                code: err.code().to_owned(),
-                reason: err.to_string(),
-                at: now,
-            })
-        }
+        Err(err) => failed(&shared, &claim, &err, now, &span),
     };
+    if !matches!(outcome, Outcome::Retry(_)) {
+        m.attempts
+            .record(f64::from(claim.attempts.saturating_add(1)));
+    }
     // Sent before the permit is freed: when the completer falls behind, fetching waits.
     let _ = done.send(Completion { claim, outcome }).await;
     drop(permit);
     shared.capacity_freed.notify_one();
+}
+
+/// What becomes of a claim whose fetch failed at `now`: another attempt later while the
+/// failure is transient and the retry horizon has not passed, else a dead letter.
+fn failed(
+    shared: &Shared,
+    claim: &Claim,
+    err: &FetchError,
+    now: Timestamp,
+    span: &tracing::Span,
+) -> Outcome {
+    let failed_attempts = claim.attempts.saturating_add(1);
+    let next = err
+        .is_transient()
+        .then(|| {
+            shared.config.retry.next_attempt(
+                failed_attempts,
+                claim.requested_at,
+                now,
+                shared.jitter.unit(),
+            )
+        })
+        .flatten();
+    let m = &shared.metrics;
+    let id = claim.id;
+    let code = err.code();
+    span.record("outcome", code);
+    let logged = shared.failure_log.admit(now);
+    if let Some(at) = next {
+        add(&shared.counters.retries_scheduled, 1);
+        m.retried.increment(1);
+        ::metrics::counter!(metrics::RETRIES_SCHEDULED, "code" => code).increment(1);
+        if let Some(suppressed) = logged {
+            let retry_in = at.saturating_duration_since(now);
+            span.in_scope(|| {
+                tracing::info!(object_id = %id, code, error = %err, attempts = failed_attempts,
+                    ?retry_in, suppressed_since_last = suppressed, "fetch failed; retrying later");
+            });
+        }
+        return Outcome::Retry(Retry {
+            at,
+            code: code.to_owned(),
+            reason: err.to_string(),
+        });
+    }
+    add(&shared.counters.failed, 1);
+    m.failed.increment(1);
+    ::metrics::counter!(metrics::FETCH_FAILURES, "code" => code).increment(1);
+    if let Some(suppressed) = logged {
+        let why = if err.is_transient() {
+            "retry horizon passed"
+        } else {
+            "permanent error"
+        };
+        span.in_scope(|| {
+            tracing::warn!(object_id = %id, code, error = %err, attempts = failed_attempts,
+                why, suppressed_since_last = suppressed, "fetch failed; recorded as a dead letter");
+        });
+    }
+    Outcome::Failed(FailureRecord {
+        id,
+        code: code.to_owned(),
+        reason: err.to_string(),
+        at: now,
+        attempts: failed_attempts,
+    })
 }
 
 /// Settles outcomes in batches, one transaction each.
@@ -818,7 +965,12 @@ async fn complete(
             add(&shared.counters.stored, online.len());
             expiry.offer(earliest);
         }
-        shared.release_pending(completions.len() as u64);
+        // Ids handed back for a retry still wait in the inbox: they stay pending.
+        let retried = completions
+            .iter()
+            .filter(|c| matches!(c.outcome, Outcome::Retry(_)))
+            .count();
+        shared.release_pending((completions.len() - retried) as u64);
         shared
             .unsettled
             .fetch_sub(completions.len() as u64, Ordering::AcqRel);
@@ -860,10 +1012,19 @@ async fn settle_with_retries(
         shared.writes.note(outcome.as_ref().err().cloned(), now);
         match outcome {
             Ok(()) => {
-                // Ids requested again during their fetch are claimable from `again_from`.
+                // Ids requested again during their fetch are claimable from `again_from`,
+                // ids handed back for a retry from their next attempt's time: wake then.
+                let earliest_retry = completions
+                    .iter()
+                    .filter_map(|c| match &c.outcome {
+                        Outcome::Retry(retry) => Some(retry.at),
+                        _ => None,
+                    })
+                    .min();
+                let due = earliest_retry.map_or(again_from, |at| at.min(again_from));
                 shared
                     .next_claimable
-                    .fetch_min(again_from.as_unix_micros(), Ordering::AcqRel);
+                    .fetch_min(due.as_unix_micros(), Ordering::AcqRel);
                 let m = &shared.metrics;
                 m.batch_duration.record(metrics::seconds(started.elapsed()));
                 m.batch_size.record(completions.len() as f64);
@@ -883,9 +1044,47 @@ async fn settle_with_retries(
     }
 }
 
-/// Keeps the backlog figures fresh.
+/// How often dead letters past their retention are purged.
+const RETENTION_SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// Purges the dead letters recorded more than `failure_retention` ago; counted and logged
+/// once per sweep that removed any.
+async fn purge_expired_failures(shared: &Shared) {
+    let retention = shared.config.failure_retention;
+    if retention.is_zero() {
+        return;
+    }
+    let cutoff = shared.clock.now().saturating_sub(retention);
+    let filter = FailureFilter {
+        until: Some(cutoff),
+        ..FailureFilter::default()
+    };
+    match shared.db.purge_failures(&filter).await {
+        Ok(0) => {}
+        Ok(purged) => {
+            ::metrics::counter!(metrics::DEAD_LETTERS_PURGED, "reason" => "retention")
+                .increment(purged);
+            tracing::info!(
+                purged,
+                ?retention,
+                "dead letters past their retention purged"
+            );
+        }
+        Err(err) => {
+            metrics::store_error("purge_failures");
+            tracing::warn!(error = %err, "cannot purge dead letters past their retention; trying again later");
+        }
+    }
+}
+
+/// Keeps the backlog figures fresh, and purges dead letters past their retention.
 async fn monitor(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut next_purge = tokio::time::Instant::now();
     loop {
+        if tokio::time::Instant::now() >= next_purge {
+            purge_expired_failures(&shared).await;
+            next_purge = tokio::time::Instant::now() + RETENTION_SWEEP_EVERY;
+        }
         match shared.db.backlog().await {
             Ok(backlog) => shared.note_backlog(backlog),
             Err(err) => {

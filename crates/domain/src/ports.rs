@@ -216,6 +216,12 @@ pub struct Claim {
     pub generation: i64,
     /// The trace context of the newest request that carried one, for the fetch's span.
     pub trace: Option<TraceParent>,
+    /// How many fetches of the id failed transiently and were scheduled again since it was
+    /// first requested (0 for an id never tried, or only tried with success).
+    pub attempts: u32,
+    /// When the first still-waiting request for the id was accepted: the retry horizon
+    /// counts from here.
+    pub requested_at: Timestamp,
 }
 
 /// What became of one claimed id.
@@ -225,8 +231,24 @@ pub enum Outcome {
     Online(StoredObject),
     /// The upstream reported it offline: nothing is written.
     Offline,
-    /// Processing failed for good: the failure is recorded.
+    /// The fetch failed transiently (the upstream was unreachable, slow, or answered
+    /// 5xx/429): the id stays in the inbox, unleased, and is claimable again at
+    /// [`Retry::at`]; its attempts count one more and the cause is kept with it.
+    Retry(Retry),
+    /// Processing failed for good (a permanent error, or the retry horizon passed): the
+    /// failure is recorded as a dead letter and the id leaves the inbox.
     Failed(FailureRecord),
+}
+
+/// A transient failure of one fetch, and when to try again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retry {
+    /// When the id becomes claimable again.
+    pub at: Timestamp,
+    /// The failure's short stable code: `unreachable`, `timeout`, `status`.
+    pub code: String,
+    /// The cause, as text.
+    pub reason: String,
 }
 
 /// A claim and its outcome, handed back to the [`Inbox`].
@@ -249,6 +271,44 @@ pub struct FailureRecord {
     pub reason: String,
     /// When the failure was recorded.
     pub at: Timestamp,
+    /// How many fetches were tried in all, the last one included.
+    pub attempts: u32,
+}
+
+/// A recorded failure as the failures table keeps it: a dead letter, kept until an operator
+/// replays or purges it, or until the retention passes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// Orders the dead letters: a larger `seq` was recorded later. The cursor of
+    /// [`FailureQuery::before`].
+    pub seq: i64,
+    /// The failure.
+    pub record: FailureRecord,
+}
+
+/// Which dead letters an operator means: every condition given must hold; none given
+/// selects all of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FailureFilter {
+    /// Only these objects, when given.
+    pub ids: Option<Vec<ObjectId>>,
+    /// Only failures with this code.
+    pub code: Option<String>,
+    /// Only failures recorded at or after this instant.
+    pub since: Option<Timestamp>,
+    /// Only failures recorded before this instant.
+    pub until: Option<Timestamp>,
+}
+
+/// One page of dead letters, newest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FailureQuery {
+    /// Which dead letters.
+    pub filter: FailureFilter,
+    /// Only those older than this `seq` (the last `seq` of the previous page).
+    pub before: Option<i64>,
+    /// The most returned.
+    pub limit: usize,
 }
 
 /// How much work waits in the inbox.
@@ -258,6 +318,10 @@ pub struct Backlog {
     pub pending: u64,
     /// When the longest-waiting of them was first requested.
     pub oldest: Option<Timestamp>,
+    /// Of `pending`, the ids whose fetch failed transiently and that wait for a retry.
+    pub retrying: u64,
+    /// When the longest-waiting of the retrying ids was first requested.
+    pub oldest_retrying: Option<Timestamp>,
 }
 
 /// The durable inbox of accepted work: a callback is accepted once its ids are in it, and
@@ -288,13 +352,15 @@ pub trait Inbox: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Vec<Claim>, StoreError>>;
 
     /// Settles claims of `owner` in one transaction: upserts the online objects (as
-    /// [`ObjectStore::upsert_seen`] does), records the failures, removes each id still
-    /// leased to `owner` whose generation is the claimed one, and hands back those
-    /// requested again since they were claimed so they are fetched once more, claimable
-    /// from `again_from` on (a short pause lets more requests share that next fetch). An
-    /// id no longer leased to `owner` (its lease ran out and another instance took it over)
-    /// is left to its new holder, so a late completion never removes a newer request.
-    /// `done` names each id once.
+    /// [`ObjectStore::upsert_seen`] does), records the failures as dead letters, removes
+    /// each id still leased to `owner` whose generation is the claimed one, and hands back
+    /// those requested again since they were claimed so they are fetched once more,
+    /// claimable from `again_from` on (a short pause lets more requests share that next
+    /// fetch). An [`Outcome::Retry`] id still leased to `owner` is handed back whatever its
+    /// generation, claimable from [`Retry::at`], with one more attempt counted and the
+    /// cause kept. An id no longer leased to `owner` (its lease ran out and another
+    /// instance took it over) is left to its new holder, so a late completion never
+    /// removes a newer request. `done` names each id once.
     fn complete<'a>(
         &'a self,
         owner: &'a str,
@@ -309,11 +375,27 @@ pub trait Inbox: Send + Sync + 'static {
     /// How many ids wait, and since when.
     fn backlog(&self) -> BoxFuture<'_, Result<Backlog, StoreError>>;
 
-    /// Up to `limit` recorded failures, newest first.
-    fn recent_failures(
-        &self,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<FailureRecord>, StoreError>>;
+    /// The dead letters `query` selects, newest first (by descending `seq`).
+    fn failures<'a>(
+        &'a self,
+        query: &'a FailureQuery,
+    ) -> BoxFuture<'a, Result<Vec<DeadLetter>, StoreError>>;
+
+    /// In one transaction, puts the objects of the dead letters `filter` selects back in the
+    /// inbox as requested at `at` (as [`Inbox::enqueue`] does, once per distinct id) and
+    /// deletes those dead letters; returns how many dead letters were replayed. Repeated, it
+    /// finds nothing left to replay.
+    fn replay_failures<'a>(
+        &'a self,
+        filter: &'a FailureFilter,
+        at: Timestamp,
+    ) -> BoxFuture<'a, Result<u64, StoreError>>;
+
+    /// Deletes the dead letters `filter` selects; returns how many went.
+    fn purge_failures<'a>(
+        &'a self,
+        filter: &'a FailureFilter,
+    ) -> BoxFuture<'a, Result<u64, StoreError>>;
 }
 
 /// A database that is both the object store and the inbox, as every adapter is.

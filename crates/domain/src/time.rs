@@ -36,6 +36,12 @@ impl Timestamp {
         Self(self.0.saturating_add(micros))
     }
 
+    /// This instant minus `d`, saturating at the start of time.
+    pub fn saturating_sub(self, d: Duration) -> Self {
+        let micros = i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
+        Self(self.0.saturating_sub(micros))
+    }
+
     /// How long from `earlier` until this instant; zero when `earlier` is later.
     pub fn saturating_duration_since(self, earlier: Timestamp) -> Duration {
         let micros = self.0.saturating_sub(earlier.0);

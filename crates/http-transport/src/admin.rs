@@ -1,5 +1,7 @@
-//! The admin listener's routes: `GET /failures`, `GET /stats`, `GET /metrics`, and the
-//! profiles `GET /debug/pprof/profile` (CPU) and `GET /debug/pprof/heap`.
+//! The admin listener's routes: the dead letters (`GET /failures`, `POST
+//! /failures/replay`, `DELETE /failures`, in [`crate::failures`]), `GET /stats`,
+//! `GET /metrics`, and the profiles `GET /debug/pprof/profile` (CPU) and
+//! `GET /debug/pprof/heap`.
 //!
 //! New operator routes (metrics, profiles) are one `.route(..)` line in [`router`] and,
 //! when they need more than the application, one more field in [`AdminState`].
@@ -12,11 +14,11 @@ use domain::{Application, BoxFuture};
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use serde::Serialize;
 
 use crate::AdminServices;
 use crate::error::ApiError;
-use crate::json::{FailureJson, StatsJson, json_response};
+use crate::failures;
+use crate::json::{StatsJson, json_response};
 use crate::router::{HandlerResult, PathParams, Router, echo};
 
 /// The content type of the Prometheus text exposition format.
@@ -24,7 +26,7 @@ const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// What every admin handler gets.
 pub(crate) struct AdminState {
-    app: Application,
+    pub(crate) app: Application,
     services: AdminServices,
 }
 
@@ -54,31 +56,13 @@ impl AdminState {
 pub(crate) fn router() -> Router<Arc<AdminState>> {
     Router::new()
         .unmetered()
-        .route(Method::GET, "/failures", failures)
+        .route(Method::GET, "/failures", failures::list)
+        .route(Method::DELETE, "/failures", failures::purge)
+        .route(Method::POST, "/failures/replay", failures::replay)
         .route(Method::GET, "/stats", stats)
         .route(Method::GET, "/metrics", metrics)
         .route(Method::GET, "/debug/pprof/profile", cpu_profile)
         .route(Method::GET, "/debug/pprof/heap", heap_profile)
-}
-
-#[derive(Debug, Serialize)]
-struct FailuresJson {
-    failures: Vec<FailureJson>,
-}
-
-/// How many failures `GET /failures` lists.
-const FAILURES_LISTED: usize = 1_000;
-
-/// The most recent ids whose processing failed, newest first, as the database keeps them.
-async fn failures(state: Arc<AdminState>, _: Request<Incoming>, _: PathParams) -> HandlerResult {
-    let failures = state
-        .app
-        .recent_failures(FAILURES_LISTED)
-        .await?
-        .into_iter()
-        .map(FailureJson::from)
-        .collect();
-    json_response(StatusCode::OK, &FailuresJson { failures })
 }
 
 /// The pipeline's counters.

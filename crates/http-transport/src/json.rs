@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat};
-use domain::{FailureRecord, PipelineStats, StoredObject, Timestamp};
+use domain::{DeadLetter, PipelineStats, StoredObject, Timestamp};
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
 use serde::ser::{Error as _, SerializeStruct as _};
@@ -72,10 +72,13 @@ pub(crate) struct StatsJson {
     online: u64,
     offline: u64,
     failed: u64,
+    retries_scheduled: u64,
     stored: u64,
     store_batches: u64,
     pending_ids: u64,
     oldest_pending_ms: u64,
+    retrying_ids: u64,
+    oldest_retrying_ms: u64,
 }
 
 impl From<PipelineStats> for StatsJson {
@@ -89,10 +92,13 @@ impl From<PipelineStats> for StatsJson {
             online,
             offline,
             failed,
+            retries_scheduled,
             stored,
             store_batches,
             pending_ids,
             oldest_pending_ms,
+            retrying_ids,
+            oldest_retrying_ms,
         } = stats;
         Self {
             accepted_callbacks,
@@ -102,30 +108,39 @@ impl From<PipelineStats> for StatsJson {
             online,
             offline,
             failed,
+            retries_scheduled,
             stored,
             store_batches,
             pending_ids,
             oldest_pending_ms,
+            retrying_ids,
+            oldest_retrying_ms,
         }
     }
 }
 
-/// One failed id: `{"id":…,"code":"…","reason":"…","at":"…"}`.
+/// One dead letter:
+/// `{"seq":…,"id":…,"code":"…","reason":"…","at":"…","attempts":…}`.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct FailureJson {
+    seq: i64,
     id: i64,
     code: String,
     reason: String,
     at: Rfc3339,
+    attempts: u32,
 }
 
-impl From<FailureRecord> for FailureJson {
-    fn from(failure: FailureRecord) -> Self {
+impl From<DeadLetter> for FailureJson {
+    fn from(letter: DeadLetter) -> Self {
+        let DeadLetter { seq, record } = letter;
         Self {
-            id: failure.id.get(),
-            code: failure.code,
-            reason: failure.reason,
-            at: Rfc3339(failure.at),
+            seq,
+            id: record.id.get(),
+            code: record.code,
+            reason: record.reason,
+            at: Rfc3339(record.at),
+            attempts: record.attempts,
         }
     }
 }

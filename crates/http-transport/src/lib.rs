@@ -10,6 +10,7 @@ mod admin;
 mod api;
 mod callback;
 mod error;
+mod failures;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;

@@ -1,15 +1,8 @@
-//! What both adapters share of the [`Inbox`](domain::ports::Inbox) port: the bound on the
-//! kept failures, and the checking and sorting of what callers hand in and get back.
+//! What both adapters share of the [`Inbox`](domain::ports::Inbox) port: the checking and
+//! sorting of what callers hand in and get back.
 
-use domain::ports::{Claim, Completion, FailureRecord, Outcome, Requested, TraceParent};
-use domain::{ObjectId, StoreError, StoredObject};
-
-/// How many failures `fetch_failures` keeps: a write that adds failures deletes all but
-/// the newest this many.
-pub const FAILURES_KEPT: u32 = 10_000;
-
-/// [`FAILURES_KEPT`] as the stores compare it with `seq`.
-pub(crate) const FAILURES_KEPT_SEQ: i64 = FAILURES_KEPT as i64;
+use domain::ports::{Claim, Completion, FailureRecord, Outcome, Requested, Retry, TraceParent};
+use domain::{ObjectId, StoreError, StoredObject, Timestamp};
 
 /// What one `enqueue` writes: the ids ascending and each once, and the trace context of
 /// each (all `None` while traces are off, so the adapters can skip the column).
@@ -52,6 +45,28 @@ pub(crate) struct Settlement {
     pub(crate) failures: Vec<FailureRecord>,
     /// Every claim as `(id, generation)`, ascending by id.
     pub(crate) claims: Vec<(i64, i64)>,
+    /// The claims whose fetch failed transiently, ascending by id.
+    pub(crate) retries: Vec<RetryRow>,
+}
+
+/// One id handed back for a later attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RetryRow {
+    pub(crate) id: i64,
+    /// When it is claimable again.
+    pub(crate) at: Timestamp,
+    /// The cause, as `last_error` keeps it: `code: reason`.
+    pub(crate) error: String,
+}
+
+impl RetryRow {
+    fn new(id: i64, retry: &Retry) -> Self {
+        Self {
+            id,
+            at: retry.at,
+            error: format!("{}: {}", retry.code, retry.reason),
+        }
+    }
 }
 
 impl Settlement {
@@ -71,6 +86,7 @@ impl Settlement {
                 }
                 Outcome::Online(object) => settlement.online.push(*object),
                 Outcome::Offline => {}
+                Outcome::Retry(retry) => settlement.retries.push(RetryRow::new(id.get(), retry)),
                 Outcome::Failed(record) => settlement.failures.push(record.clone()),
             }
             settlement
@@ -89,6 +105,7 @@ impl Settlement {
             )));
         }
         settlement.online.sort_unstable_by_key(|object| object.id);
+        settlement.retries.sort_unstable_by_key(|retry| retry.id);
         Ok(settlement)
     }
 
@@ -98,47 +115,86 @@ impl Settlement {
     }
 }
 
-/// Splits the claimed ids still in the inbox, given as `current` `(id, generation)` rows:
-/// those whose generation is still the claimed one are settled (the row goes), the others
-/// were requested again since and must be fetched once more (the lease is freed).
+/// What becomes of the claimed rows still held, by [`split_settled`].
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Split<'a> {
+    /// Rows that go: their outcome serves every request they count.
+    pub(crate) settled: Vec<i64>,
+    /// Rows requested again since their claim: fetched once more, after the refetch delay.
+    pub(crate) again: Vec<i64>,
+    /// Rows whose fetch failed transiently: handed back for their next attempt.
+    pub(crate) retried: Vec<&'a RetryRow>,
+}
+
+/// Splits the claimed ids still in the inbox and held by the completing owner, given as
+/// `current` `(id, generation)` rows: those that failed transiently wait for a retry,
+/// whatever their generation; of the others, those whose generation is still the claimed
+/// one are settled (the row goes), and the rest were requested again since and must be
+/// fetched once more (the lease is freed).
 ///
 /// Claimed ids absent from `current` were settled already (by another instance whose
-/// lease overlapped, or by an earlier call): nothing is left to do for them.
-pub(crate) fn split_settled(claims: &[(i64, i64)], current: &[(i64, i64)]) -> (Vec<i64>, Vec<i64>) {
-    let mut settled = Vec::with_capacity(current.len());
-    let mut again = Vec::new();
+/// lease overlapped, or by an earlier call), or are held by another instance now: nothing
+/// is left to do for them.
+pub(crate) fn split_settled<'a>(settlement: &'a Settlement, current: &[(i64, i64)]) -> Split<'a> {
+    let claims = &settlement.claims;
+    let retries = &settlement.retries;
+    let mut split = Split {
+        settled: Vec::with_capacity(current.len()),
+        ..Split::default()
+    };
     for &(id, generation) in current {
         let Ok(at) = claims.binary_search_by_key(&id, |claim| claim.0) else {
             continue;
         };
-        if claims[at].1 == generation {
-            settled.push(id);
+        if let Ok(retry) = retries.binary_search_by_key(&id, |retry| retry.id) {
+            split.retried.push(&retries[retry]);
+        } else if claims[at].1 == generation {
+            split.settled.push(id);
         } else {
-            again.push(id);
+            split.again.push(id);
         }
     }
-    (settled, again)
+    split
 }
 
-/// One claimed row: `(id, generation, requested_at, trace)`.
-pub(crate) type ClaimedRow<T> = (i64, i64, T, Option<String>);
+/// One claimed row: `(id, generation, requested_at, trace, attempts)`.
+pub(crate) type ClaimedRow<T> = (i64, i64, T, Option<String>, i32);
 
 /// Claimed rows as [`Claim`]s, longest-waiting first (ties by id), whatever order the
 /// database returned them in. A stored trace context that is no longer valid is dropped:
 /// the fetch then starts a trace of its own.
-pub(crate) fn claims_in_order<T: Ord>(
-    mut rows: Vec<ClaimedRow<T>>,
+pub(crate) fn claims_in_order(
+    mut rows: Vec<ClaimedRow<Timestamp>>,
 ) -> Result<Vec<Claim>, StoreError> {
     rows.sort_unstable_by(|a, b| a.2.cmp(&b.2).then(a.0.cmp(&b.0)));
     rows.into_iter()
-        .map(|(id, generation, _, trace)| {
+        .map(|(id, generation, requested_at, trace, attempts)| {
             Ok(Claim {
                 id: stored_id(id)?,
                 generation,
                 trace: trace.as_deref().and_then(TraceParent::new),
+                attempts: stored_count(attempts),
+                requested_at,
             })
         })
         .collect()
+}
+
+/// A count read back from an `integer` column (never negative when written by us).
+pub(crate) fn stored_count(raw: i32) -> u32 {
+    u32::try_from(raw).unwrap_or(0)
+}
+
+/// A count as an `integer` column keeps it, saturating.
+pub(crate) fn count_column(count: u32) -> i32 {
+    i32::try_from(count).unwrap_or(i32::MAX)
+}
+
+/// The distinct ids of `records`, ascending: what a replay enqueues.
+pub(crate) fn distinct_ids(mut ids: Vec<i64>) -> Vec<i64> {
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }
 
 /// An id read back from the database.
@@ -153,12 +209,14 @@ pub(crate) fn sql_limit(limit: usize) -> i64 {
 
 #[cfg(test)]
 mod tests {
-    use domain::Timestamp;
-
     use super::*;
 
     fn id(raw: i64) -> ObjectId {
         ObjectId::new(raw).expect("non-negative")
+    }
+
+    fn at(micros: i64) -> Timestamp {
+        Timestamp::from_unix_micros(micros)
     }
 
     fn claim(raw: i64, generation: i64) -> Claim {
@@ -166,6 +224,26 @@ mod tests {
             id: id(raw),
             generation,
             trace: None,
+            attempts: 0,
+            requested_at: at(0),
+        }
+    }
+
+    fn retry(raw: i64, generation: i64, next: i64) -> Completion {
+        Completion {
+            claim: claim(raw, generation),
+            outcome: Outcome::Retry(Retry {
+                at: at(next),
+                code: "timeout".into(),
+                reason: "slow".into(),
+            }),
+        }
+    }
+
+    fn offline(raw: i64, generation: i64) -> Completion {
+        Completion {
+            claim: claim(raw, generation),
+            outcome: Outcome::Offline,
         }
     }
 
@@ -211,6 +289,7 @@ mod tests {
             code: "timeout".into(),
             reason: "slow".into(),
             at: Timestamp::from_unix_micros(3),
+            attempts: 4,
         };
         let settlement = Settlement::new(&[
             Completion {
@@ -225,11 +304,22 @@ mod tests {
                 claim: claim(1, 7),
                 outcome: Outcome::Failed(failure.clone()),
             },
+            retry(9, 1, 50),
+            retry(4, 1, 40),
         ])
         .expect("valid");
         assert_eq!(settlement.online, [object]);
         assert_eq!(settlement.failures, [failure]);
-        assert_eq!(settlement.claims, [(1, 7), (2, 1), (3, 2)]);
+        assert_eq!(settlement.claims, [(1, 7), (2, 1), (3, 2), (4, 1), (9, 1)]);
+        let retried: Vec<(i64, Timestamp, &str)> = settlement
+            .retries
+            .iter()
+            .map(|r| (r.id, r.at, r.error.as_str()))
+            .collect();
+        assert_eq!(
+            retried,
+            [(4, at(40), "timeout: slow"), (9, at(50), "timeout: slow")]
+        );
         assert!(!settlement.is_empty());
         assert!(Settlement::new(&[]).expect("empty").is_empty());
     }
@@ -260,26 +350,45 @@ mod tests {
     }
 
     #[test]
-    fn claimed_rows_split_by_generation() {
-        let claims = [(1, 1), (2, 1), (3, 4), (9, 1)];
-        // 1 unchanged, 2 requested again, 3 unchanged, 9 gone; 5 was never claimed.
-        let current = [(1, 1), (2, 2), (3, 4), (5, 1)];
-        assert_eq!(split_settled(&claims, &current), (vec![1, 3], vec![2]));
+    fn claimed_rows_split_by_generation_and_retries_wait_whatever_theirs() {
+        let settlement = Settlement::new(&[
+            offline(1, 1),
+            offline(2, 1),
+            offline(3, 4),
+            offline(9, 1),
+            retry(6, 1, 10),
+            retry(7, 1, 20),
+            retry(8, 1, 30),
+        ])
+        .expect("valid");
+        // 1 unchanged, 2 requested again, 3 unchanged, 9 gone; 5 was never claimed; 6
+        // failed transiently, 7 too and was requested again, 8 is held by someone else.
+        let current = [(1, 1), (2, 2), (3, 4), (5, 1), (6, 1), (7, 3)];
+        let split = split_settled(&settlement, &current);
+        assert_eq!((split.settled, split.again), (vec![1, 3], vec![2]));
+        let retried: Vec<i64> = split.retried.iter().map(|r| r.id).collect();
+        assert_eq!(retried, [6, 7]);
     }
 
     #[test]
     fn claims_come_longest_waiting_first() {
         let claims = claims_in_order(vec![
-            (7, 1, 30, None),
-            (5, 2, 10, Some("00-trace".to_owned())),
-            (6, 1, 10, Some("not\nprintable".to_owned())),
+            (7, 1, at(30), None, 0),
+            (5, 2, at(10), Some("00-trace".to_owned()), 3),
+            (6, 1, at(10), Some("not\nprintable".to_owned()), 0),
         ])
         .expect("valid");
         let traced = Claim {
             trace: TraceParent::new("00-trace"),
+            attempts: 3,
+            requested_at: at(10),
             ..claim(5, 2)
         };
-        assert_eq!(claims, [traced, claim(6, 1), claim(7, 1)]);
-        assert!(claims_in_order(vec![(-1, 1, 0, None)]).is_err());
+        let waited = |raw, since| Claim {
+            requested_at: at(since),
+            ..claim(raw, 1)
+        };
+        assert_eq!(claims, [traced, waited(6, 10), waited(7, 30)]);
+        assert!(claims_in_order(vec![(-1, 1, at(0), None, 0)]).is_err());
     }
 }

@@ -91,11 +91,26 @@ macro_rules! delegate_ports {
                 Box::pin(self.inbox_backlog())
             }
 
-            fn recent_failures(
-                &self,
-                limit: usize,
-            ) -> ::domain::BoxFuture<'_, Result<Vec<::domain::FailureRecord>, ::domain::StoreError>> {
-                Box::pin(self.failures(limit))
+            fn failures<'a>(
+                &'a self,
+                query: &'a ::domain::FailureQuery,
+            ) -> ::domain::BoxFuture<'a, Result<Vec<::domain::DeadLetter>, ::domain::StoreError>> {
+                Box::pin(self.dead_letters(query))
+            }
+
+            fn replay_failures<'a>(
+                &'a self,
+                filter: &'a ::domain::FailureFilter,
+                at: ::domain::Timestamp,
+            ) -> ::domain::BoxFuture<'a, Result<u64, ::domain::StoreError>> {
+                Box::pin(self.replay(filter, at))
+            }
+
+            fn purge_failures<'a>(
+                &'a self,
+                filter: &'a ::domain::FailureFilter,
+            ) -> ::domain::BoxFuture<'a, Result<u64, ::domain::StoreError>> {
+                Box::pin(self.purge(filter))
             }
         }
     };
@@ -116,7 +131,6 @@ use std::time::Duration;
 
 use domain::ports::Database;
 
-pub use inbox::FAILURES_KEPT;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 

@@ -144,6 +144,8 @@ async fn the_inbox_schema_is_what_operators_read() {
             ("lease_owner", "text", "YES"),
             ("lease_until", "timestamp with time zone", "YES"),
             ("trace", "text", "YES"),
+            ("attempts", "integer", "NO"),
+            ("last_error", "text", "YES"),
         ])
     );
     assert_eq!(
@@ -154,6 +156,7 @@ async fn the_inbox_schema_is_what_operators_read() {
             ("code", "text", "NO"),
             ("reason", "text", "NO"),
             ("failed_at", "timestamp with time zone", "NO"),
+            ("attempts", "integer", "NO"),
         ])
     );
     let indexes: Vec<(String, String)> = client
@@ -171,13 +174,15 @@ async fn the_inbox_schema_is_what_operators_read() {
     assert_eq!(
         names,
         [
+            "fetch_failures_failed_at_idx",
+            "fetch_failures_object_id_idx",
             "fetch_failures_pkey",
             "inbox_pkey",
             "inbox_requested_at_idx"
         ]
     );
     assert!(
-        indexes[2].1.ends_with("USING btree (requested_at)"),
+        indexes[4].1.ends_with("USING btree (requested_at)"),
         "{indexes:?}"
     );
 }
@@ -287,7 +292,7 @@ async fn instances_opening_a_fresh_database_together_all_succeed() {
         .await
         .expect("migrations table")
         .get(0);
-    assert_eq!(applied, 3, "each of the three migrations was recorded once");
+    assert_eq!(applied, 4, "each of the four migrations was recorded once");
 }
 
 #[tokio::test(flavor = "multi_thread")]

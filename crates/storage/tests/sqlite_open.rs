@@ -100,8 +100,8 @@ async fn opening_twice_applies_the_migrations_once() {
         .get_result(&mut conn)
         .expect("migrations table");
     assert_eq!(
-        applied.n, 3,
-        "each of the three migrations was recorded once"
+        applied.n, 4,
+        "each of the four migrations was recorded once"
     );
 }
 
@@ -194,7 +194,9 @@ async fn the_inbox_schema_is_what_operators_read() {
             "requested_at",
             "lease_owner",
             "lease_until",
-            "trace"
+            "trace",
+            "attempts",
+            "last_error"
         ]
     );
     assert_eq!(
@@ -202,14 +204,21 @@ async fn the_inbox_schema_is_what_operators_read() {
             &mut conn,
             "SELECT name FROM pragma_table_info('inbox') WHERE \"notnull\" = 0 ORDER BY cid"
         ),
-        ["lease_owner", "lease_until", "trace"]
+        ["lease_owner", "lease_until", "trace", "last_error"]
     );
     assert_eq!(
         names(
             &mut conn,
             "SELECT name FROM pragma_table_info('fetch_failures') ORDER BY cid"
         ),
-        ["seq", "object_id", "code", "reason", "failed_at"]
+        [
+            "seq",
+            "object_id",
+            "code",
+            "reason",
+            "failed_at",
+            "attempts"
+        ]
     );
     assert_eq!(
         names(
@@ -262,6 +271,7 @@ async fn the_inbox_survives_a_restart_and_its_leases_can_be_freed() {
         domain::ports::Backlog {
             pending: 10,
             oldest: Some(at(0)),
+            ..domain::ports::Backlog::default()
         }
     );
     assert_eq!(

@@ -16,7 +16,8 @@ pub const SECONDS_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// Bucket bounds of every histogram whose name ends in `_size` (counts of items).
+/// Bucket bounds of every histogram whose name ends in `_size` (counts of items) or
+/// `_attempts` (fetches an id took).
 pub const SIZE_BUCKETS: &[f64] = &[
     1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1_000.0, 2_000.0, 5_000.0, 10_000.0,
 ];
@@ -76,7 +77,8 @@ impl MetricsHandle {
 fn builder() -> Result<PrometheusBuilder, BuildError> {
     PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), SECONDS_BUCKETS)?
-        .set_buckets_for_metric(Matcher::Suffix("_size".to_owned()), SIZE_BUCKETS)
+        .set_buckets_for_metric(Matcher::Suffix("_size".to_owned()), SIZE_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Suffix("_attempts".to_owned()), SIZE_BUCKETS)
 }
 
 /// Installs the Prometheus recorder as the process-wide `metrics` recorder.

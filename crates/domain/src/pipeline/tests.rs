@@ -61,6 +61,20 @@ impl Rig {
     async fn stored(&self, raw: i64) -> Option<StoredObject> {
         self.store.get(id(raw), self.clock.now()).await.unwrap()
     }
+
+    async fn dead_letters(&self) -> Vec<FailureRecord> {
+        dead_letters(&self.pipeline.handle()).await
+    }
+}
+
+/// Every dead letter, newest first.
+async fn dead_letters(handle: &PipelineHandle) -> Vec<FailureRecord> {
+    let query = FailureQuery {
+        limit: usize::MAX,
+        ..FailureQuery::default()
+    };
+    let letters = handle.failures(&query).await.unwrap();
+    letters.into_iter().map(|letter| letter.record).collect()
 }
 
 fn ids(raw: &[i64]) -> DistinctIds {
@@ -413,11 +427,11 @@ async fn settling_outcomes_costs_no_claim_unless_work_may_be_waiting() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_failed_fetch_is_recorded_with_its_reason_and_blocks_nothing() {
+async fn a_permanent_failure_is_a_dead_letter_at_once_and_blocks_nothing() {
     let rig = Rig::new(PipelineConfig::default());
     rig.source.set_rule(|id| {
         if id.get() == 6 {
-            Err(FetchError::Status(503))
+            Err(FetchError::Status(404))
         } else {
             Ok(id.get() % 2 == 0)
         }
@@ -429,15 +443,25 @@ async fn a_failed_fetch_is_recorded_with_its_reason_and_blocks_nothing() {
     assert!(rig.stored(4).await.is_some());
     assert!(rig.stored(8).await.is_some());
     assert!(rig.stored(6).await.is_none());
-    let failures = rig.pipeline.handle().recent_failures(10).await.unwrap();
+    let failures = rig.dead_letters().await;
     assert_eq!(failures.len(), 1);
     assert_eq!(
-        (failures[0].id, failures[0].code.as_str()),
-        (id(6), "status")
+        (
+            failures[0].id,
+            failures[0].code.as_str(),
+            failures[0].attempts
+        ),
+        (id(6), "status", 1)
     );
-    assert!(failures[0].reason.contains("503"), "{}", failures[0].reason);
+    assert!(failures[0].reason.contains("404"), "{}", failures[0].reason);
     assert!(failures[0].at > before);
     assert_eq!(rig.stats().failed, 1);
+    assert_eq!(rig.stats().retries_scheduled, 0);
+    assert_eq!(
+        rig.source.fetches().len(),
+        3,
+        "no retry of a permanent error"
+    );
     assert_eq!(rig.store.inbox_len(), 0, "a failure is an outcome too");
 }
 
@@ -469,7 +493,7 @@ async fn an_answer_about_another_id_is_a_failure() {
     pipeline.handle().submit(ids(&[2])).await.unwrap();
     sleep(LATENCY).await;
     assert!(store.is_empty());
-    let failures = pipeline.handle().recent_failures(10).await.unwrap();
+    let failures = dead_letters(&pipeline.handle()).await;
     assert_eq!(failures[0].code, "id_mismatch");
 }
 
@@ -757,4 +781,242 @@ async fn requests_during_a_fetch_and_its_refetch_delay_share_one_more_fetch() {
     assert!(fetches[0].started - t0 < Duration::from_millis(10));
     assert_eq!(rig.store.inbox_len(), 0);
     assert!(rig.stored(2).await.is_some());
+}
+
+/// A source that is down (connection refused) while its switch is on.
+fn outage(rig: &Rig) -> Arc<AtomicBool> {
+    let down = Arc::new(AtomicBool::new(true));
+    let switch = Arc::clone(&down);
+    rig.source.set_rule(move |id| {
+        if switch.load(Ordering::SeqCst) {
+            Err(FetchError::Unreachable("connection refused".into()))
+        } else {
+            Ok(id.get() % 2 == 0)
+        }
+    });
+    down
+}
+
+/// When each id's fetches started.
+fn starts_by_id(source: &FakeSource) -> std::collections::BTreeMap<ObjectId, Vec<Instant>> {
+    let mut starts = std::collections::BTreeMap::<ObjectId, Vec<Instant>>::new();
+    for fetch in source.fetches() {
+        starts.entry(fetch.id).or_default().push(fetch.started);
+    }
+    starts
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_upstream_down_for_three_hours_loses_nothing_and_is_retried_on_schedule() {
+    let policy = RetryPolicy::default(); // first pause ≤ 1 s, doubling, capped at 5 min
+    let config = PipelineConfig {
+        retry: policy,
+        ttl: Duration::from_secs(24 * 3600), // what is stored stays to be checked
+        ..PipelineConfig::default()
+    };
+    // Everything but the pause itself that may pass between two attempts of an id: the
+    // fetch, the completer's linger, and the dispatcher's poll.
+    let slack = LATENCY + config.store_linger + config.poll_interval + Duration::from_millis(50);
+    let rig = Rig::new(config);
+    let down = outage(&rig);
+    let all: Vec<i64> = (0..40).collect();
+    rig.submit(&all).await.unwrap();
+    sleep(Duration::from_secs(3 * 3600)).await;
+
+    let stats = rig.stats();
+    assert_eq!(stats.failed, 0, "no dead letter within the horizon");
+    assert_eq!(rig.store.inbox_len(), 40, "every id still waits");
+    assert!(stats.retries_scheduled > 40 * 30, "{stats:?}");
+    let starts = starts_by_id(&rig.source);
+    // The dispatcher finds due retries at the earliest one a batch scheduled, else at its
+    // poll: pauses come in steps of the poll interval, spread over the ceiling.
+    let mut pauses_after_eight = Vec::new();
+    for (id, starts) in &starts {
+        // Bounded: after a few doublings the pause averages half the cap.
+        assert!(
+            (40..=200).contains(&starts.len()),
+            "id {id}: {} fetches",
+            starts.len()
+        );
+        for (failed, pair) in (1u32..).zip(starts.windows(2)) {
+            let gap = pair[1] - pair[0];
+            assert!(
+                gap <= policy.ceiling(failed) + slack,
+                "id {id}: pause {gap:?} after {failed} failures exceeds {:?}",
+                policy.ceiling(failed)
+            );
+        }
+        pauses_after_eight.push(starts[8] - starts[7]);
+        let (n, waited) = rig.store.attempts(*id).expect("still waiting");
+        assert_eq!(
+            n as usize,
+            starts.len(),
+            "each failed fetch counts one attempt"
+        );
+        assert!(waited.is_some_and(|cause| cause.contains("connection refused")));
+    }
+    pauses_after_eight.sort();
+    let spread = pauses_after_eight[39] - pauses_after_eight[0];
+    pauses_after_eight.dedup();
+    assert!(
+        pauses_after_eight.len() > 20,
+        "jittered: {pauses_after_eight:?}"
+    );
+    assert!(
+        spread > policy.ceiling(8) / 2,
+        "spread over the ceiling: {spread:?}"
+    );
+    let longest = starts
+        .values()
+        .flat_map(|s| s.windows(2).map(|p| p[1] - p[0]))
+        .max()
+        .unwrap();
+    assert!(
+        longest > policy.max_delay / 2,
+        "the pause grows to near the cap: {longest:?}"
+    );
+    assert_eq!(stats.retrying_ids, 40, "{stats:?}");
+    assert!(
+        stats.oldest_retrying_ms >= 3 * 3600 * 1000 - 2_000,
+        "{stats:?}"
+    );
+
+    // Back up: every id settles within one capped pause.
+    down.store(false, Ordering::SeqCst);
+    sleep(policy.max_delay + slack).await;
+    assert_eq!(rig.store.inbox_len(), 0);
+    for raw in all {
+        assert_eq!(rig.stored(raw).await.is_some(), raw % 2 == 0, "id {raw}");
+    }
+    assert_eq!(rig.dead_letters().await, []);
+    assert_eq!(rig.stats().failed, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn past_the_horizon_an_id_is_a_dead_letter_with_its_last_cause_and_replay_stores_it() {
+    let policy = RetryPolicy {
+        first_delay: Duration::from_secs(1),
+        max_delay: Duration::from_secs(60),
+        horizon: Duration::from_secs(600),
+    };
+    let rig = Rig::new(PipelineConfig {
+        retry: policy,
+        ..PipelineConfig::default()
+    });
+    rig.source.set_rule(|_| Err(FetchError::Status(503)));
+    let accepted = rig.clock.now();
+    rig.submit(&[2, 3, 4]).await.unwrap();
+    sleep(policy.horizon - Duration::from_secs(5)).await;
+    assert_eq!(rig.dead_letters().await, [], "still within the horizon");
+    sleep(Duration::from_secs(10)).await;
+
+    let letters = rig.dead_letters().await;
+    assert_eq!(letters.len(), 3, "{letters:?}");
+    for letter in &letters {
+        assert_eq!(letter.code, "status");
+        assert!(letter.reason.contains("503"), "{}", letter.reason);
+        assert!(letter.at >= accepted.saturating_add(policy.horizon));
+        let fetches = rig.source.fetch_counts()[&letter.id];
+        assert_eq!(letter.attempts as usize, fetches, "every attempt counted");
+        assert!(fetches > 5, "{fetches}");
+    }
+    assert_eq!(rig.store.inbox_len(), 0);
+    assert_eq!(rig.stats().failed, 3);
+
+    // The upstream is back; an operator replays the dead letters.
+    rig.source.set_rule(|id| Ok(id.get() % 2 == 0));
+    let handle = rig.pipeline.handle();
+    assert_eq!(
+        handle
+            .replay_failures(&FailureFilter::default())
+            .await
+            .unwrap(),
+        3
+    );
+    sleep(LATENCY * 3).await;
+    assert!(rig.stored(2).await.is_some() && rig.stored(4).await.is_some());
+    assert!(rig.stored(3).await.is_none(), "offline: nothing stored");
+    assert_eq!(rig.store.inbox_len(), 0);
+    assert_eq!(rig.dead_letters().await, []);
+    assert_eq!(
+        handle
+            .replay_failures(&FailureFilter::default())
+            .await
+            .unwrap(),
+        0
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn ids_waiting_for_a_retry_stay_pending_for_the_backlog_bound() {
+    let rig = Rig::new(PipelineConfig {
+        max_pending_ids: 5,
+        ..PipelineConfig::default()
+    });
+    let _down = outage(&rig);
+    rig.submit(&[1, 2, 3]).await.unwrap();
+    sleep(LATENCY * 3).await;
+    assert!(rig.stats().retries_scheduled >= 3);
+    assert!(matches!(
+        rig.submit(&[4, 5, 6]).await,
+        Err(SubmitError::Overloaded { .. })
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn dead_letters_are_kept_until_their_retention_passes_then_purged() {
+    let retention = Duration::from_secs(3600);
+    let rig = Rig::new(PipelineConfig {
+        failure_retention: retention,
+        ..PipelineConfig::default()
+    });
+    rig.source.set_rule(|_| Err(FetchError::Status(404)));
+    rig.submit(&[1]).await.unwrap(); // a dead letter at about 1 s
+    sleep(Duration::from_secs(1000)).await;
+    rig.submit(&[2]).await.unwrap(); // and one at about 1001 s
+    sleep(retention - Duration::from_secs(1000)).await;
+    assert_eq!(
+        rig.dead_letters().await.len(),
+        2,
+        "none is past its retention yet"
+    );
+    // The sweep runs once a minute: within one more, the first is gone, the second stays.
+    sleep(RETENTION_SWEEP_EVERY + LATENCY * 2).await;
+    let kept = rig.dead_letters().await;
+    assert_eq!(kept.iter().map(|l| l.id).collect::<Vec<_>>(), [id(2)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_instance_takes_its_own_leases_back_at_once() {
+    let store = Arc::new(MemoryStore::new());
+    let clock = PausedClock::new();
+    let lease = Duration::from_secs(30);
+    store
+        .enqueue(&untraced(&[20, 22]), clock.now())
+        .await
+        .unwrap();
+    // This instance claimed both, then was killed.
+    let claimed = store
+        .claim("me", clock.now(), clock.now().saturating_add(lease), 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 2);
+    let restarted = Instant::now();
+    let rig = Rig::on(
+        store,
+        PipelineConfig {
+            lease,
+            owner: "me".into(),
+            ..PipelineConfig::default()
+        },
+    );
+    sleep(LATENCY * 3).await;
+    let fetches = rig.source.fetches();
+    assert_eq!(fetches.len(), 2);
+    assert!(
+        fetches.iter().all(|f| f.started < restarted + LATENCY),
+        "{fetches:?}"
+    );
+    assert!(rig.stored(20).await.is_some());
+    assert_eq!(rig.store.inbox_len(), 0);
 }

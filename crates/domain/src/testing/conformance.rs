@@ -26,8 +26,8 @@ use std::time::Duration;
 
 use crate::id::ObjectId;
 use crate::ports::{
-    Backlog, Claim, Completion, Database, FailureRecord, ObjectStore, Outcome, Requested,
-    StoredObject, TraceParent,
+    Backlog, Claim, Completion, Database, DeadLetter, FailureFilter, FailureQuery, FailureRecord,
+    ObjectStore, Outcome, Requested, Retry, StoredObject, TraceParent,
 };
 use crate::time::Timestamp;
 
@@ -222,7 +222,13 @@ macro_rules! inbox_conformance {
             inbox_ten_thousand_ids_in_one_enqueue,
             inbox_concurrent_enqueues_leave_one_row_per_id,
             inbox_concurrent_claimers_never_share_an_id,
-            inbox_failures_are_pruned_to_the_newest_ten_thousand,
+            inbox_dead_letters_are_all_kept_and_paginated,
+            inbox_a_retry_hands_the_id_back_until_its_next_attempt,
+            inbox_a_request_during_a_retry_wait_keeps_the_schedule,
+            inbox_a_late_retry_leaves_a_taken_over_id_alone,
+            inbox_dead_letters_filter_by_id_code_and_time,
+            inbox_replay_puts_dead_letters_back_once,
+            inbox_purge_deletes_the_selected_dead_letters,
             inbox_every_request_is_served_by_a_later_fetch,
             inbox_keeps_the_trace_context_of_the_newest_traced_request,
             inbox_an_id_requested_again_is_claimable_from_the_given_instant,
@@ -660,9 +666,6 @@ const OWNER_C: &str = "instance-c";
 /// How long the cases' leases last unless a case says otherwise: far past every `now`.
 const LEASE: Duration = Duration::from_secs(600);
 
-/// How many failures the adapters keep (the newest ones).
-const FAILURES_KEPT: usize = 10_000;
-
 async fn enqueue(db: &dyn Database, raw_ids: &[i64], at: Timestamp) {
     let requests: Vec<Requested> = raw_ids
         .iter()
@@ -700,10 +703,44 @@ async fn backlog(db: &dyn Database) -> Backlog {
     db.backlog().await.expect("backlog failed")
 }
 
+/// Up to `limit` dead letters, newest first, without their `seq`.
 async fn failures(db: &dyn Database, limit: usize) -> Vec<FailureRecord> {
-    db.recent_failures(limit)
+    let query = FailureQuery {
+        limit,
+        ..FailureQuery::default()
+    };
+    dead_letters(db, &query)
         .await
-        .expect("recent_failures failed")
+        .into_iter()
+        .map(|letter| letter.record)
+        .collect()
+}
+
+async fn dead_letters(db: &dyn Database, query: &FailureQuery) -> Vec<DeadLetter> {
+    db.failures(query).await.expect("failures failed")
+}
+
+/// Every dead letter `filter` selects, read page by page (`page` at a time), newest first.
+async fn every_dead_letter(
+    db: &dyn Database,
+    filter: &FailureFilter,
+    page: usize,
+) -> Vec<DeadLetter> {
+    let mut all: Vec<DeadLetter> = Vec::new();
+    loop {
+        let query = FailureQuery {
+            filter: filter.clone(),
+            before: all.last().map(|letter| letter.seq),
+            limit: page,
+        };
+        let next = dead_letters(db, &query).await;
+        assert!(next.len() <= page, "a page holds at most its limit");
+        let done = next.len() < page;
+        all.extend(next);
+        if done {
+            return all;
+        }
+    }
 }
 
 /// Claims as `(id, generation)`, ascending by id: the port promises which ids a claim
@@ -714,11 +751,26 @@ fn by_id(claims: &[Claim]) -> Vec<(i64, i64)> {
     pairs
 }
 
+/// A claim of an id first requested at the cases' first instant and never retried.
 fn claimed(raw_id: i64, generation: i64) -> Claim {
     Claim {
         id: id(raw_id),
         generation,
         trace: None,
+        attempts: 0,
+        requested_at: at(0),
+    }
+}
+
+/// A transient failure of `raw_id`'s claim, to be tried again at `next`.
+fn retried(raw_id: i64, generation: i64, next: Timestamp) -> Completion {
+    Completion {
+        claim: claimed(raw_id, generation),
+        outcome: Outcome::Retry(Retry {
+            at: next,
+            code: "unreachable".to_owned(),
+            reason: "upstream unreachable: connection refused".to_owned(),
+        }),
     }
 }
 
@@ -747,6 +799,7 @@ fn failure(raw_id: i64, code: &str, reason: &str, at: Timestamp) -> FailureRecor
         code: code.to_owned(),
         reason: reason.to_owned(),
         at,
+        attempts: 1,
     }
 }
 
@@ -784,6 +837,7 @@ pub async fn inbox_a_repeated_request_bumps_the_generation(db: Arc<dyn Database>
         Backlog {
             pending: 3,
             oldest: Some(at(0)),
+            ..Backlog::default()
         }
     );
 
@@ -797,6 +851,7 @@ pub async fn inbox_a_repeated_request_bumps_the_generation(db: Arc<dyn Database>
         Backlog {
             pending: 1,
             oldest: Some(at(0)),
+            ..Backlog::default()
         }
     );
 }
@@ -881,7 +936,7 @@ pub async fn inbox_complete_settles_each_outcome(db: Arc<dyn Database>) {
     assert_eq!(failures(db, 10).await, vec![record]);
 }
 
-/// `recent_failures` lists the recorded failures newest first, at most `limit` of them,
+/// `failures` lists the recorded failures newest first, at most `limit` of them,
 /// each with its id, code, reason (any text) and time to the microsecond.
 pub async fn inbox_failures_are_listed_newest_first(db: Arc<dyn Database>) {
     let db = &*db;
@@ -934,6 +989,7 @@ pub async fn inbox_complete_after_a_new_request_keeps_the_id_and_frees_it(db: Ar
         Backlog {
             pending: 1,
             oldest: Some(at(0)),
+            ..Backlog::default()
         }
     );
 
@@ -1003,7 +1059,13 @@ pub async fn inbox_a_late_completion_never_removes_a_newer_request(db: Arc<dyn D
     complete(db, OWNER_A, &[offline(7, 1)]).await; // A wakes up late
 
     assert_eq!(backlog(db).await.pending, 1, "the new request still waits");
-    assert_eq!(claim(db, OWNER_C, at(30), 10).await, [claimed(7, 1)]);
+    assert_eq!(
+        claim(db, OWNER_C, at(30), 10).await,
+        [Claim {
+            requested_at: at(20),
+            ..claimed(7, 1)
+        }]
+    );
 }
 
 /// `release(Some(owner))` frees that owner's leases only, `release(None)` every lease;
@@ -1055,6 +1117,7 @@ pub async fn inbox_backlog_counts_waiting_and_leased_ids(db: Arc<dyn Database>) 
     let expected = Backlog {
         pending: 3,
         oldest: Some(at(5)),
+        ..Backlog::default()
     };
     assert_eq!(backlog(db).await, expected);
 
@@ -1067,6 +1130,7 @@ pub async fn inbox_backlog_counts_waiting_and_leased_ids(db: Arc<dyn Database>) 
         Backlog {
             pending: 1,
             oldest: Some(at(10)),
+            ..Backlog::default()
         }
     );
     complete(db, OWNER_A, &[offline(3, 1)]).await;
@@ -1120,8 +1184,7 @@ pub async fn inbox_smallest_and_largest_ids(db: Arc<dyn Database>) {
         Completion {
             claim: Claim {
                 id: ObjectId::MAX,
-                generation: 1,
-                trace: None,
+                ..claimed(0, 1)
             },
             outcome: Outcome::Online(max),
         },
@@ -1146,6 +1209,7 @@ pub async fn inbox_ten_thousand_ids_in_one_enqueue(db: Arc<dyn Database>) {
         Backlog {
             pending: 10_000,
             oldest: Some(at(0)),
+            ..Backlog::default()
         }
     );
 
@@ -1178,6 +1242,7 @@ pub async fn inbox_ten_thousand_ids_in_one_enqueue(db: Arc<dyn Database>) {
         Backlog {
             pending: 10_000,
             oldest: Some(at(0)),
+            ..Backlog::default()
         },
         "every id was requested again, so every id stays"
     );
@@ -1259,30 +1324,282 @@ pub async fn inbox_concurrent_claimers_never_share_an_id(db: Arc<dyn Database>) 
     assert_eq!(claim(&*db, OWNER_A, at(2), 10).await, []);
 }
 
-/// The failures kept are bounded: past 10 000, the oldest go.
-pub async fn inbox_failures_are_pruned_to_the_newest_ten_thousand(db: Arc<dyn Database>) {
-    const RECORDED: i64 = 10_050;
+/// Dead letters are never trimmed by count: 50 000 of them are all listed, page by page,
+/// newest first, each once.
+pub async fn inbox_dead_letters_are_all_kept_and_paginated(db: Arc<dyn Database>) {
+    const RECORDED: i64 = 50_000;
     let db = &*db;
     let all: Vec<i64> = (0..RECORDED).collect();
     enqueue(db, &all, at(0)).await;
-    assert_eq!(claim(db, OWNER_A, at(1), 20_000).await.len(), 10_050);
-    // Three completions, oldest ids first.
-    for chunk in all.chunks(5_000) {
+    assert_eq!(claim(db, OWNER_A, at(1), 60_000).await.len(), 50_000);
+    // Oldest ids first, in several completions.
+    for chunk in all.chunks(10_000) {
         let done: Vec<Completion> = chunk
             .iter()
             .map(|&i| failed(i, 1, failure(i, "timeout", "slow", at(10 + i))))
             .collect();
         complete(db, OWNER_A, &done).await;
     }
-
-    let kept = failures(db, 20_000).await;
-    assert_eq!(kept.len(), FAILURES_KEPT);
-    let first = kept.first().expect("failures are kept").id.get();
-    assert!(first >= 10_000, "the newest come first, got id {first}");
-    let kept_ids: BTreeSet<i64> = kept.iter().map(|f| f.id.get()).collect();
-    let newest: BTreeSet<i64> = (RECORDED - 10_000..RECORDED).collect();
-    assert_eq!(kept_ids, newest, "exactly the newest 10 000 are kept");
     assert_eq!(backlog(db).await, Backlog::default());
+
+    let listed = every_dead_letter(db, &FailureFilter::default(), 7_000).await;
+    let listed_ids: Vec<i64> = listed.iter().map(|l| l.record.id.get()).collect();
+    let newest_first: Vec<i64> = all.iter().rev().copied().collect();
+    assert_eq!(
+        listed_ids, newest_first,
+        "every dead letter, newest first, once"
+    );
+    assert!(listed.windows(2).all(|pair| pair[0].seq > pair[1].seq));
+    assert_eq!(
+        listed[0].record,
+        failure(RECORDED - 1, "timeout", "slow", at(10 + RECORDED - 1))
+    );
+}
+
+/// A transient failure hands the id back unleased: it is claimable again from its next
+/// attempt's time (not before, not even after `release`), with its attempts counted and
+/// its first request time kept; the backlog counts it as retrying until it settles.
+pub async fn inbox_a_retry_hands_the_id_back_until_its_next_attempt(db: Arc<dyn Database>) {
+    let db = &*db;
+    enqueue(db, &[7, 8], at(0)).await;
+    assert_eq!(
+        by_id(&claim(db, OWNER_A, at(1), 10).await),
+        [(7, 1), (8, 1)]
+    );
+    complete(db, OWNER_A, &[retried(7, 1, at(100)), offline(8, 1)]).await;
+    assert_eq!(
+        backlog(db).await,
+        Backlog {
+            pending: 1,
+            oldest: Some(at(0)),
+            retrying: 1,
+            oldest_retrying: Some(at(0)),
+        }
+    );
+    assert_eq!(claim(db, OWNER_B, at(99), 10).await, []);
+    assert_eq!(
+        db.release(None).await.expect("release failed"),
+        0,
+        "nobody holds it"
+    );
+    assert_eq!(
+        claim(db, OWNER_B, at(99), 10).await,
+        [],
+        "release does not bring it forward"
+    );
+
+    let again = claim(db, OWNER_B, at(100), 10).await;
+    assert_eq!(
+        again,
+        [Claim {
+            attempts: 1,
+            ..claimed(7, 1)
+        }]
+    );
+    complete(db, OWNER_B, &[retried(7, 1, at(300))]).await;
+    assert_eq!(claim(db, OWNER_A, at(299), 10).await, []);
+    assert_eq!(
+        claim(db, OWNER_A, at(300), 10).await,
+        [Claim {
+            attempts: 2,
+            ..claimed(7, 1)
+        }]
+    );
+    let stored = seen(7, at(301));
+    complete(db, OWNER_A, &[online(7, 1, stored)]).await;
+    assert_eq!(backlog(db).await, Backlog::default());
+    assert_eq!(all_live(db, at(302)).await, vec![stored]);
+    assert_eq!(
+        failures(db, 10).await,
+        vec![],
+        "a retry is not a dead letter"
+    );
+}
+
+/// Requests for an id that waits for a retry keep it waiting, one row, until the attempt
+/// it waits for; that attempt serves them all (the newest generation is claimed).
+pub async fn inbox_a_request_during_a_retry_wait_keeps_the_schedule(db: Arc<dyn Database>) {
+    let db = &*db;
+    enqueue(db, &[7], at(0)).await;
+    assert_eq!(claim(db, OWNER_A, at(1), 10).await, [claimed(7, 1)]);
+    enqueue(db, &[7], at(2)).await; // during the fetch
+    complete(db, OWNER_A, &[retried(7, 1, at(100))]).await;
+    enqueue(db, &[7], at(50)).await; // while it waits
+    assert_eq!(backlog(db).await.pending, 1);
+    assert_eq!(claim(db, OWNER_A, at(99), 10).await, []);
+    assert_eq!(
+        claim(db, OWNER_A, at(100), 10).await,
+        [Claim {
+            attempts: 1,
+            ..claimed(7, 3)
+        }]
+    );
+    complete(db, OWNER_A, &[offline(7, 3)]).await;
+    assert_eq!(backlog(db).await, Backlog::default());
+}
+
+/// A retry from an instance whose lease ran out and was taken over changes nothing: the
+/// new holder keeps the id.
+pub async fn inbox_a_late_retry_leaves_a_taken_over_id_alone(db: Arc<dyn Database>) {
+    let db = &*db;
+    enqueue(db, &[7], at(0)).await;
+    assert_eq!(
+        claim_until(db, OWNER_A, at(1), at(10), 10).await,
+        [claimed(7, 1)]
+    );
+    assert_eq!(claim(db, OWNER_B, at(10), 10).await, [claimed(7, 1)]);
+    complete(db, OWNER_A, &[retried(7, 1, at(11))]).await;
+    assert_eq!(claim(db, OWNER_C, at(20), 10).await, [], "B still holds it");
+    complete(db, OWNER_B, &[offline(7, 1)]).await;
+    assert_eq!(backlog(db).await, Backlog::default());
+}
+
+/// Two dead letters of ids 1 to 4, with these codes and times.
+async fn record_dead_letters(db: &dyn Database) -> Vec<FailureRecord> {
+    let records = vec![
+        failure(1, "timeout", "slow", at(10)),
+        failure(2, "status", "upstream answered status 404", at(20)),
+        failure(3, "timeout", "slow", at(30)),
+        failure(1, "malformed", "not json", at(40)),
+        FailureRecord {
+            attempts: 17,
+            ..failure(4, "unreachable", "refused", at(50))
+        },
+    ];
+    for record in &records {
+        let raw = record.id.get();
+        enqueue(db, &[raw], at(0)).await;
+        assert_eq!(claim(db, OWNER_A, at(0), 10).await.len(), 1);
+        complete(db, OWNER_A, &[failed(raw, 1, record.clone())]).await;
+    }
+    records
+}
+
+fn records(letters: &[DeadLetter]) -> Vec<FailureRecord> {
+    letters.iter().map(|letter| letter.record.clone()).collect()
+}
+
+/// Dead letters filter by ids, code and a half-open time range, every condition at once.
+pub async fn inbox_dead_letters_filter_by_id_code_and_time(db: Arc<dyn Database>) {
+    let db = &*db;
+    let r = record_dead_letters(db).await;
+    let select = async |filter: FailureFilter| records(&every_dead_letter(db, &filter, 2).await);
+    assert_eq!(
+        select(FailureFilter::default()).await,
+        [
+            r[4].clone(),
+            r[3].clone(),
+            r[2].clone(),
+            r[1].clone(),
+            r[0].clone()
+        ]
+    );
+    let timeouts = FailureFilter {
+        code: Some("timeout".into()),
+        ..FailureFilter::default()
+    };
+    assert_eq!(select(timeouts).await, [r[2].clone(), r[0].clone()]);
+    let one = FailureFilter {
+        ids: Some(vec![id(1), id(4)]),
+        ..FailureFilter::default()
+    };
+    assert_eq!(
+        select(one).await,
+        [r[4].clone(), r[3].clone(), r[0].clone()]
+    );
+    let window = FailureFilter {
+        since: Some(at(20)),
+        until: Some(at(40)),
+        ..FailureFilter::default()
+    };
+    assert_eq!(
+        select(window).await,
+        [r[2].clone(), r[1].clone()],
+        "since ≤ at < until"
+    );
+    let all_of = FailureFilter {
+        ids: Some(vec![id(1), id(3)]),
+        code: Some("timeout".into()),
+        since: Some(at(11)),
+        until: None,
+    };
+    assert_eq!(select(all_of).await, [r[2].clone()]);
+    let none = FailureFilter {
+        ids: Some(vec![]),
+        ..FailureFilter::default()
+    };
+    assert_eq!(select(none).await, []);
+}
+
+/// Replay puts the selected dead letters' ids back in the inbox once each, as new
+/// requests, and removes those dead letters; repeated, it finds nothing.
+pub async fn inbox_replay_puts_dead_letters_back_once(db: Arc<dyn Database>) {
+    let db = &*db;
+    let r = record_dead_letters(db).await;
+    enqueue(db, &[3], at(60)).await; // 3 waits already: replay bumps it
+    let filter = FailureFilter {
+        ids: Some(vec![id(1), id(3)]),
+        ..FailureFilter::default()
+    };
+    assert_eq!(
+        db.replay_failures(&filter, at(70))
+            .await
+            .expect("replay failed"),
+        3
+    );
+    assert_eq!(
+        db.replay_failures(&filter, at(80))
+            .await
+            .expect("replay failed"),
+        0
+    );
+    assert_eq!(
+        records(&every_dead_letter(db, &FailureFilter::default(), 10).await),
+        [r[4].clone(), r[1].clone()]
+    );
+    let claims = claim(db, OWNER_A, at(90), 10).await;
+    assert_eq!(by_id(&claims), [(1, 1), (3, 2)]);
+    let replayed = claims.iter().find(|c| c.id == id(1)).expect("1 is claimed");
+    assert_eq!((replayed.attempts, replayed.requested_at), (0, at(70)));
+    complete(db, OWNER_A, &[offline(1, 1), offline(3, 2)]).await;
+    assert_eq!(backlog(db).await, Backlog::default());
+    // Everything else, by an empty filter.
+    assert_eq!(
+        db.replay_failures(&FailureFilter::default(), at(100))
+            .await
+            .expect("replay failed"),
+        2
+    );
+    assert_eq!(backlog(db).await.pending, 2);
+    assert_eq!(failures(db, 10).await, []);
+}
+
+/// Purge deletes the selected dead letters and nothing else, and returns how many.
+pub async fn inbox_purge_deletes_the_selected_dead_letters(db: Arc<dyn Database>) {
+    let db = &*db;
+    let r = record_dead_letters(db).await;
+    let old = FailureFilter {
+        until: Some(at(30)),
+        ..FailureFilter::default()
+    };
+    assert_eq!(db.purge_failures(&old).await.expect("purge failed"), 2);
+    assert_eq!(db.purge_failures(&old).await.expect("purge failed"), 0);
+    assert_eq!(
+        failures(db, 10).await,
+        [r[4].clone(), r[3].clone(), r[2].clone()]
+    );
+    assert_eq!(
+        backlog(db).await,
+        Backlog::default(),
+        "purge enqueues nothing"
+    );
+    assert_eq!(
+        db.purge_failures(&FailureFilter::default())
+            .await
+            .expect("purge failed"),
+        3
+    );
+    assert_eq!(failures(db, 10).await, []);
 }
 
 /// Writers requesting every id while two workers claim, "fetch" and complete them, all at

@@ -14,8 +14,9 @@ use tokio::time::Instant;
 
 use crate::id::ObjectId;
 use crate::ports::{
-    Backlog, BoxFuture, Claim, Clock, Completion, FailureRecord, FetchError, Inbox, ObjectSource,
-    ObjectStatus, ObjectStore, Outcome, Requested, StoreError, StoredObject, TraceParent,
+    Backlog, BoxFuture, Claim, Clock, Completion, DeadLetter, FailureFilter, FailureQuery,
+    FetchError, Inbox, ObjectSource, ObjectStatus, ObjectStore, Outcome, Requested, StoreError,
+    StoredObject, TraceParent,
 };
 use crate::time::Timestamp;
 
@@ -57,6 +58,9 @@ struct InboxRow {
     /// at `until` and held by nobody (the adapters' NULL owner with a `lease_until`).
     lease: Option<(String, Timestamp)>,
     trace: Option<TraceParent>,
+    /// Failed attempts scheduled again, and the latest one's cause.
+    attempts: u32,
+    last_error: Option<String>,
 }
 
 /// An [`ObjectStore`] and [`Inbox`] in memory, with switches to simulate outages and panics.
@@ -64,7 +68,8 @@ struct InboxRow {
 pub struct MemoryStore {
     rows: Mutex<BTreeMap<ObjectId, StoredObject>>,
     inbox: Mutex<BTreeMap<ObjectId, InboxRow>>,
-    failures: Mutex<Vec<FailureRecord>>,
+    /// The dead letters by `seq`, and the last `seq` given out.
+    failures: Mutex<(BTreeMap<i64, DeadLetter>, i64)>,
     enqueues: Mutex<Vec<usize>>,
     batches: Mutex<Vec<usize>>,
     delete_calls: AtomicUsize,
@@ -104,6 +109,55 @@ impl MemoryStore {
     /// How many ids wait in the inbox.
     pub fn inbox_len(&self) -> usize {
         self.inbox.lock().unwrap().len()
+    }
+
+    /// The failed attempts counted for `id` and the latest one's cause, while it waits.
+    pub fn attempts(&self, id: ObjectId) -> Option<(u32, Option<String>)> {
+        let inbox = self.inbox.lock().unwrap();
+        inbox
+            .get(&id)
+            .map(|row| (row.attempts, row.last_error.clone()))
+    }
+
+    /// How many dead letters are kept.
+    pub fn dead_letter_count(&self) -> usize {
+        self.failures.lock().unwrap().0.len()
+    }
+
+    fn enqueue_rows(&self, requests: &[Requested], at: Timestamp) {
+        let mut inbox = self.inbox.lock().unwrap();
+        for request in requests {
+            inbox
+                .entry(request.id)
+                .and_modify(|row| {
+                    row.generation += 1;
+                    if request.trace.is_some() {
+                        row.trace.clone_from(&request.trace);
+                    }
+                })
+                .or_insert(InboxRow {
+                    generation: 1,
+                    requested_at: at,
+                    lease: None,
+                    trace: request.trace.clone(),
+                    attempts: 0,
+                    last_error: None,
+                });
+        }
+    }
+
+    /// Removes the dead letters `filter` selects and returns them, oldest first.
+    fn take_failures(&self, filter: &FailureFilter) -> Vec<DeadLetter> {
+        let mut failures = self.failures.lock().unwrap();
+        let seqs: Vec<i64> = failures
+            .0
+            .values()
+            .filter(|letter| selects(filter, letter))
+            .map(|letter| letter.seq)
+            .collect();
+        seqs.iter()
+            .filter_map(|seq| failures.0.remove(seq))
+            .collect()
     }
 
     fn upsert(&self, batch: &[StoredObject]) {
@@ -263,9 +317,6 @@ impl ObjectStore for MemoryStore {
     }
 }
 
-/// How many failures the fake keeps, like the adapters.
-const FAILURES_KEPT: usize = 10_000;
-
 impl Inbox for MemoryStore {
     fn enqueue<'a>(
         &'a self,
@@ -274,23 +325,7 @@ impl Inbox for MemoryStore {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             self.check_write()?;
-            let mut inbox = self.inbox.lock().unwrap();
-            for request in requests {
-                inbox
-                    .entry(request.id)
-                    .and_modify(|row| {
-                        row.generation += 1;
-                        if request.trace.is_some() {
-                            row.trace.clone_from(&request.trace);
-                        }
-                    })
-                    .or_insert(InboxRow {
-                        generation: 1,
-                        requested_at: at,
-                        lease: None,
-                        trace: request.trace.clone(),
-                    });
-            }
+            self.enqueue_rows(requests, at);
             self.enqueues.lock().unwrap().push(requests.len());
             Ok(())
         })
@@ -321,6 +356,8 @@ impl Inbox for MemoryStore {
                     id,
                     generation: row.generation,
                     trace: row.trace.clone(),
+                    attempts: row.attempts,
+                    requested_at: row.requested_at,
                 });
             }
             Ok(claims)
@@ -347,12 +384,17 @@ impl Inbox for MemoryStore {
             }
             {
                 let mut failures = self.failures.lock().unwrap();
-                failures.extend(done.iter().filter_map(|c| match &c.outcome {
-                    Outcome::Failed(record) => Some(record.clone()),
-                    _ => None,
-                }));
-                let excess = failures.len().saturating_sub(FAILURES_KEPT);
-                failures.drain(..excess);
+                let (letters, last_seq) = &mut *failures;
+                for completion in done {
+                    if let Outcome::Failed(record) = &completion.outcome {
+                        *last_seq += 1;
+                        let letter = DeadLetter {
+                            seq: *last_seq,
+                            record: record.clone(),
+                        };
+                        letters.insert(*last_seq, letter);
+                    }
+                }
             }
             let mut inbox = self.inbox.lock().unwrap();
             for completion in done {
@@ -363,7 +405,12 @@ impl Inbox for MemoryStore {
                         .is_some_and(|(holder, _)| holder == owner)
                 };
                 if let Some(row) = inbox.get_mut(&id).filter(|row| held(row)) {
-                    if row.generation == completion.claim.generation {
+                    if let Outcome::Retry(retry) = &completion.outcome {
+                        // Nobody's lease, running out at the next attempt's time.
+                        row.lease = Some((String::new(), retry.at));
+                        row.attempts += 1;
+                        row.last_error = Some(format!("{}: {}", retry.code, retry.reason));
+                    } else if row.generation == completion.claim.generation {
                         inbox.remove(&id);
                     } else {
                         // Nobody's lease, running out at `again_from`: claimable then.
@@ -398,30 +445,74 @@ impl Inbox for MemoryStore {
         Box::pin(async move {
             self.check()?;
             let inbox = self.inbox.lock().unwrap();
+            let retrying = || inbox.values().filter(|row| row.attempts > 0);
             Ok(Backlog {
                 pending: inbox.len() as u64,
                 oldest: inbox.values().map(|row| row.requested_at).min(),
+                retrying: retrying().count() as u64,
+                oldest_retrying: retrying().map(|row| row.requested_at).min(),
             })
         })
     }
 
-    fn recent_failures(
-        &self,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<FailureRecord>, StoreError>> {
+    fn failures<'a>(
+        &'a self,
+        query: &'a FailureQuery,
+    ) -> BoxFuture<'a, Result<Vec<DeadLetter>, StoreError>> {
         Box::pin(async move {
             self.check()?;
-            Ok(self
-                .failures
-                .lock()
-                .unwrap()
-                .iter()
+            let failures = self.failures.lock().unwrap();
+            let below = query.before.unwrap_or(i64::MAX);
+            Ok(failures
+                .0
+                .range(..below)
                 .rev()
-                .take(limit)
+                .map(|(_, letter)| letter)
+                .filter(|letter| selects(&query.filter, letter))
+                .take(query.limit)
                 .cloned()
                 .collect())
         })
     }
+
+    fn replay_failures<'a>(
+        &'a self,
+        filter: &'a FailureFilter,
+        at: Timestamp,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(async move {
+            self.check_write()?;
+            let taken = self.take_failures(filter);
+            let mut ids: Vec<ObjectId> = taken.iter().map(|letter| letter.record.id).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            let requests: Vec<Requested> = ids.into_iter().map(Requested::untraced).collect();
+            self.enqueue_rows(&requests, at);
+            Ok(taken.len() as u64)
+        })
+    }
+
+    fn purge_failures<'a>(
+        &'a self,
+        filter: &'a FailureFilter,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(async move {
+            self.check_write()?;
+            Ok(self.take_failures(filter).len() as u64)
+        })
+    }
+}
+
+/// Whether `filter` selects `letter`: every condition given holds.
+pub fn selects(filter: &FailureFilter, letter: &DeadLetter) -> bool {
+    let record = &letter.record;
+    filter
+        .ids
+        .as_ref()
+        .is_none_or(|ids| ids.contains(&record.id))
+        && filter.code.as_ref().is_none_or(|code| *code == record.code)
+        && filter.since.is_none_or(|since| record.at >= since)
+        && filter.until.is_none_or(|until| record.at < until)
 }
 
 /// What a [`FakeSource`] answers for one id.

@@ -26,7 +26,7 @@ async fn failures_and_stats_are_reported() {
     let server = TestServer::start().await;
     server.source.set_rule(|id| {
         if id.get() == 7 {
-            Err(FetchError::Status(500))
+            Err(FetchError::Status(404)) // permanent: a dead letter at once
         } else {
             Ok(true)
         }
@@ -50,7 +50,10 @@ async fn failures_and_stats_are_reported() {
     let failure = &failures["failures"][0];
     assert_eq!(failure["id"], 7);
     assert_eq!(failure["code"], "status");
-    assert!(failure["reason"].as_str().unwrap().contains("500"));
+    assert!(failure["reason"].as_str().unwrap().contains("404"));
+    assert_eq!(failure["attempts"], 1);
+    assert!(failure["seq"].is_i64());
+    assert_eq!(failures["next_after"], serde_json::Value::Null);
     let at = failure["at"].as_str().unwrap();
     assert!(chrono::DateTime::parse_from_rfc3339(at).is_ok(), "{at}");
 
@@ -59,6 +62,9 @@ async fn failures_and_stats_are_reported() {
     assert_eq!(stats.json["accepted_callbacks"], 1);
     assert_eq!(stats.json["failed"], 1);
     for counter in [
+        "retries_scheduled",
+        "retrying_ids",
+        "oldest_retrying_ms",
         "accepted_ids",
         "fetches_started",
         "online",
@@ -360,5 +366,115 @@ async fn without_a_profiler_the_profile_routes_are_not_supported() {
         .admin_get("/debug/pprof/profile?seconds=0")
         .await
         .assert_error(400, "invalid_query");
+    server.stop().await;
+}
+
+/// Dead letters of ids `0..n`, each failed for good (404), recorded through the pipeline.
+async fn dead_letters(server: &TestServer, n: i64) {
+    server.source.set_rule(|_| Err(FetchError::Status(404)));
+    let ids: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+    let body = format!(r#"{{"object_ids":[{}]}}"#, ids.join(","));
+    assert_eq!(server.callback(&body).await.status, StatusCode::ACCEPTED);
+    within("every id is a dead letter", async {
+        while server.store.dead_letter_count() < n as usize {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+}
+
+fn listed_ids(reply: &serde_json::Value) -> Vec<i64> {
+    let failures = reply["failures"].as_array().unwrap();
+    failures.iter().map(|f| f["id"].as_i64().unwrap()).collect()
+}
+
+#[tokio::test]
+async fn failures_are_paginated_and_filtered() {
+    let server = TestServer::start().await;
+    dead_letters(&server, 5).await;
+
+    let mut seen = Vec::new();
+    let mut path = "/failures?limit=2".to_owned();
+    loop {
+        let page = server.admin_get(&path).await;
+        assert_eq!(page.status, StatusCode::OK, "{page:?}");
+        seen.extend(listed_ids(&page.json));
+        match page.json["next_after"].as_i64() {
+            Some(after) => path = format!("/failures?limit=2&after={after}"),
+            None => break,
+        }
+    }
+    seen.sort_unstable();
+    assert_eq!(
+        seen,
+        [0, 1, 2, 3, 4],
+        "every dead letter once, over the pages"
+    );
+
+    let some = server.admin_get("/failures?ids=1,3&code=status").await;
+    let mut ids = listed_ids(&some.json);
+    ids.sort_unstable();
+    assert_eq!(ids, [1, 3]);
+    let none = server.admin_get("/failures?code=timeout").await;
+    assert_eq!(listed_ids(&none.json), Vec::<i64>::new());
+    let future = server
+        .admin_get("/failures?since=2999-01-01T00:00:00Z")
+        .await;
+    assert_eq!(listed_ids(&future.json), Vec::<i64>::new());
+    server
+        .admin_get("/failures?since=tomorrow")
+        .await
+        .assert_error(400, "invalid_query");
+    server
+        .admin_get("/failures?limit=0")
+        .await
+        .assert_error(400, "invalid_query");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn replay_refetches_the_selected_dead_letters_and_purge_deletes_them() {
+    let server = TestServer::start().await;
+    dead_letters(&server, 4).await;
+    server.source.set_rule(|id| Ok(id.get() % 2 == 0));
+
+    server
+        .admin_send(Method::POST, "/failures/replay", "{}")
+        .await
+        .assert_error(400, "invalid_json");
+    server
+        .admin_send(Method::POST, "/failures/replay", r#"{"ids":[-1]}"#)
+        .await
+        .assert_error(422, "invalid_object_id");
+    let replayed = server
+        .admin_send(Method::POST, "/failures/replay", r#"{"ids":[0,1]}"#)
+        .await;
+    assert_eq!(replayed.status, StatusCode::OK, "{replayed:?}");
+    assert_eq!(replayed.json["replayed"], 2);
+    let again = server
+        .admin_send(Method::POST, "/failures/replay", r#"{"ids":[0,1]}"#)
+        .await;
+    assert_eq!(again.json["replayed"], 0, "idempotent");
+    within("the replayed even id is stored", async {
+        while server.get("/objects/0").await.status != StatusCode::OK {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let left = server.admin_get("/failures").await;
+    let mut ids = listed_ids(&left.json);
+    ids.sort_unstable();
+    assert_eq!(ids, [2, 3]);
+
+    let purged = server
+        .admin_send(Method::DELETE, "/failures", r#"{"all":true}"#)
+        .await;
+    assert_eq!(purged.status, StatusCode::OK, "{purged:?}");
+    assert_eq!(purged.json["purged"], 2);
+    assert_eq!(
+        listed_ids(&server.admin_get("/failures").await.json),
+        Vec::<i64>::new()
+    );
+    assert_eq!(server.store.inbox_len(), 0, "purge enqueues nothing");
     server.stop().await;
 }

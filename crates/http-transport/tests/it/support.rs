@@ -215,6 +215,12 @@ impl TestServer {
         .await
     }
 
+    /// `method path` with a JSON `body` on the admin listener.
+    pub async fn admin_send(&self, method: Method, path: &str, body: &str) -> Reply {
+        let req = request(method, path, Some("application/json"), body);
+        send(&self.client, self.admin_addr, req).await
+    }
+
     /// `GET path` on the admin listener, for an answer that is not JSON: status, headers
     /// and the body as text.
     pub async fn admin_get_text(&self, path: &str) -> (StatusCode, HeaderMap, String) {

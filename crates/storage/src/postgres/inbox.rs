@@ -1,16 +1,19 @@
 //! The inbox's writes on PostgreSQL: the enqueue statement, and `complete`'s transaction.
 
-use diesel::dsl::max;
 use diesel::pg::Pg;
 use diesel::pg::data_types::PgTimestamp;
 use diesel::prelude::*;
 use diesel::query_builder::{AstPass, QueryFragment, QueryId};
-use diesel::sql_types::{Array, BigInt, Nullable, Text, Timestamptz};
+use diesel::query_builder::{BoxedSqlQuery, SqlQuery};
+use diesel::sql_types::{Array, BigInt, Integer, Nullable, Text, Timestamptz};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use domain::StoreError;
+use domain::ports::FailureFilter;
 
 use super::schema::{fetch_failures, inbox};
+use super::to_pg;
 use super::upsert::UpsertBatch;
-use crate::inbox::{Enqueue, FAILURES_KEPT_SEQ, split_settled};
+use crate::inbox::{Enqueue, Settlement, distinct_ids, split_settled};
 
 /// How many failures one `INSERT` carries: four bind parameters each keeps a statement at
 /// 40 000, under PostgreSQL's limit of 65 535.
@@ -106,17 +109,18 @@ impl QueryFragment<Pg> for EnqueueTracedBatch {
     }
 }
 
-/// One failure as `fetch_failures` stores it.
-pub(super) type FailureRow = (i64, String, String, PgTimestamp);
+/// One failure as `fetch_failures` stores it: `(object_id, code, reason, failed_at,
+/// attempts)`.
+pub(super) type FailureRow = (i64, String, String, PgTimestamp, i32);
 
 /// What one `complete` writes: the objects to upsert (sorted by id), the failures, and the
-/// claims as `(id, generation)`, ascending by id, each id once.
+/// claims (see [`Settlement`]).
 #[derive(Debug)]
 pub(super) struct Completion {
     pub(super) owner: String,
     pub(super) online: Option<UpsertBatch>,
     pub(super) failures: Vec<FailureRow>,
-    pub(super) claims: Vec<(i64, i64)>,
+    pub(super) settlement: Settlement,
     /// When ids requested again since their claim become claimable.
     pub(super) again_from: PgTimestamp,
 }
@@ -133,7 +137,7 @@ impl Completion {
             owner,
             online,
             failures,
-            claims,
+            settlement,
             again_from,
         } = self;
         conn.transaction(async move |conn| {
@@ -141,26 +145,24 @@ impl Completion {
                 online.execute(conn).await?;
             }
             record_failures(conn, &failures).await?;
-            settle(conn, &owner, &claims, again_from).await
+            settle(conn, &owner, &settlement, again_from).await
         })
         .await
     }
 }
 
-/// Appends `failures`, then deletes all but the newest [`FAILURES_KEPT_SEQ`].
+/// Appends `failures`; dead letters are kept until replayed, purged or past retention.
 async fn record_failures(conn: &mut AsyncPgConnection, failures: &[FailureRow]) -> QueryResult<()> {
-    if failures.is_empty() {
-        return Ok(());
-    }
     for chunk in failures.chunks(MAX_FAILURES_PER_STATEMENT) {
         let values: Vec<_> = chunk
             .iter()
-            .map(|(object_id, code, reason, failed_at)| {
+            .map(|(object_id, code, reason, failed_at, attempts)| {
                 (
                     fetch_failures::object_id.eq(*object_id),
                     fetch_failures::code.eq(code),
                     fetch_failures::reason.eq(reason),
                     fetch_failures::failed_at.eq(*failed_at),
+                    fetch_failures::attempts.eq(*attempts),
                 )
             })
             .collect();
@@ -169,35 +171,32 @@ async fn record_failures(conn: &mut AsyncPgConnection, failures: &[FailureRow]) 
             .execute(conn)
             .await?;
     }
-    // Two probes of the primary key: the newest `seq`, then the range below the kept ones
-    // (usually empty, or as many rows as were just added). Failures committed meanwhile by
-    // other transactions may leave a few more for a moment; the next write removes them.
-    let newest: Option<i64> = fetch_failures::table
-        .select(max(fetch_failures::seq))
-        .get_result(conn)
-        .await?;
-    if let Some(oldest_gone) = newest.map(|newest| newest - FAILURES_KEPT_SEQ) {
-        diesel::delete(fetch_failures::table.filter(fetch_failures::seq.le(oldest_gone)))
-            .execute(conn)
-            .await?;
-    }
     Ok(())
 }
 
-/// Locks the claimed rows still in the inbox and leased to `owner` in id order, removes
-/// those whose generation is unchanged and hands the others back, claimable from
-/// `again_from` (no owner, `lease_until` = `again_from`); rows another
-/// instance has taken over are left alone.
+/// Hands ids back for their next attempt, each with its own time and cause, in one
+/// statement: `UPDATE … FROM unnest(ids, times, causes)`.
+const RETRY_SQL: &str = "UPDATE inbox SET lease_owner = NULL, lease_until = r.at, \
+     attempts = inbox.attempts + 1, last_error = r.error \
+     FROM unnest($1::bigint[], $2::timestamptz[], $3::text[]) AS r (id, at, error) \
+     WHERE inbox.object_id = r.id";
+
+/// Locks the claimed rows still in the inbox and leased to `owner` in id order; hands the
+/// ones that failed transiently back for their next attempt (no owner, `lease_until` =
+/// that attempt's time, one more attempt counted, the cause kept); removes those whose
+/// generation is unchanged and hands the others back, claimable from `again_from` (no
+/// owner, `lease_until` = `again_from`). Rows another instance has taken over are left
+/// alone.
 async fn settle(
     conn: &mut AsyncPgConnection,
     owner: &str,
-    claims: &[(i64, i64)],
+    settlement: &Settlement,
     again_from: PgTimestamp,
 ) -> QueryResult<()> {
-    if claims.is_empty() {
+    if settlement.claims.is_empty() {
         return Ok(());
     }
-    let ids: Vec<i64> = claims.iter().map(|claim| claim.0).collect();
+    let ids: Vec<i64> = settlement.claims.iter().map(|claim| claim.0).collect();
     let current: Vec<(i64, i64)> = inbox::table
         .filter(inbox::object_id.eq_any(&ids))
         .filter(inbox::lease_owner.eq(owner))
@@ -206,7 +205,28 @@ async fn settle(
         .for_update()
         .load(conn)
         .await?;
-    let (settled, again) = split_settled(claims, &current);
+    let split = split_settled(settlement, &current);
+    let (settled, again) = (split.settled, split.again);
+    if !split.retried.is_empty() {
+        let ids: Vec<i64> = split.retried.iter().map(|retry| retry.id).collect();
+        let times = split
+            .retried
+            .iter()
+            .map(|retry| to_pg(retry.at))
+            .collect::<Result<Vec<PgTimestamp>, StoreError>>()
+            .map_err(|err| diesel::result::Error::SerializationError(Box::new(err)))?;
+        let errors: Vec<&str> = split
+            .retried
+            .iter()
+            .map(|retry| retry.error.as_str())
+            .collect();
+        diesel::sql_query(RETRY_SQL)
+            .bind::<Array<BigInt>, _>(&ids)
+            .bind::<Array<Timestamptz>, _>(&times)
+            .bind::<Array<Text>, _>(&errors)
+            .execute(conn)
+            .await?;
+    }
     if !settled.is_empty() {
         diesel::delete(inbox::table.filter(inbox::object_id.eq_any(&settled)))
             .execute(conn)
@@ -222,6 +242,129 @@ async fn settle(
             .await?;
     }
     Ok(())
+}
+
+/// The condition of a [`FailureFilter`] on `fetch_failures`, with its four parameters
+/// each either NULL (no condition) or the bound: one static statement, whatever is given.
+macro_rules! selected_sql {
+    () => {
+        "($1::bigint[] IS NULL OR object_id = ANY($1)) \
+         AND ($2::text IS NULL OR code = $2) \
+         AND ($3::timestamptz IS NULL OR failed_at >= $3) \
+         AND ($4::timestamptz IS NULL OR failed_at < $4)"
+    };
+}
+
+/// The dead letters a [`FailureFilter`] selects, newest first, older than `$5` when given,
+/// at most `$6`.
+const LIST_SQL: &str = concat!(
+    "SELECT seq, object_id, code, reason, failed_at, attempts FROM fetch_failures WHERE ",
+    selected_sql!(),
+    " AND ($5::bigint IS NULL OR seq < $5) ORDER BY seq DESC LIMIT $6"
+);
+
+/// Deletes the dead letters a [`FailureFilter`] selects, returning their ids.
+const TAKE_SQL: &str = concat!(
+    "DELETE FROM fetch_failures WHERE ",
+    selected_sql!(),
+    " RETURNING object_id"
+);
+
+/// A [`FailureFilter`] as the parameters of [`selected_sql!`].
+#[derive(Debug, Clone)]
+pub(super) struct Selected {
+    ids: Option<Vec<i64>>,
+    code: Option<String>,
+    since: Option<PgTimestamp>,
+    until: Option<PgTimestamp>,
+}
+
+impl Selected {
+    pub(super) fn new(filter: &FailureFilter) -> Result<Self, StoreError> {
+        Ok(Self {
+            ids: filter
+                .ids
+                .as_ref()
+                .map(|ids| ids.iter().map(|id| id.get()).collect()),
+            code: filter.code.clone(),
+            since: filter.since.map(to_pg).transpose()?,
+            until: filter.until.map(to_pg).transpose()?,
+        })
+    }
+
+    /// `sql` (which starts with [`selected_sql!`]'s parameters) with them bound.
+    fn query(self, sql: &'static str) -> BoxedSqlQuery<'static, Pg, SqlQuery> {
+        diesel::sql_query(sql)
+            .into_boxed::<Pg>()
+            .bind::<Nullable<Array<BigInt>>, _>(self.ids)
+            .bind::<Nullable<Text>, _>(self.code)
+            .bind::<Nullable<Timestamptz>, _>(self.since)
+            .bind::<Nullable<Timestamptz>, _>(self.until)
+    }
+}
+
+/// One row of [`LIST_SQL`].
+#[derive(Debug, QueryableByName)]
+pub(super) struct DeadLetterRow {
+    #[diesel(sql_type = BigInt)]
+    pub(super) seq: i64,
+    #[diesel(sql_type = BigInt)]
+    pub(super) object_id: i64,
+    #[diesel(sql_type = Text)]
+    pub(super) code: String,
+    #[diesel(sql_type = Text)]
+    pub(super) reason: String,
+    #[diesel(sql_type = Timestamptz)]
+    pub(super) failed_at: PgTimestamp,
+    #[diesel(sql_type = Integer)]
+    pub(super) attempts: i32,
+}
+
+/// One row of [`TAKE_SQL`].
+#[derive(Debug, QueryableByName)]
+struct TakenRow {
+    #[diesel(sql_type = BigInt)]
+    object_id: i64,
+}
+
+/// Up to `limit` dead letters `selected` chooses, older than `before` when given.
+pub(super) async fn list(
+    conn: &mut AsyncPgConnection,
+    selected: Selected,
+    before: Option<i64>,
+    limit: i64,
+) -> QueryResult<Vec<DeadLetterRow>> {
+    selected
+        .query(LIST_SQL)
+        .bind::<Nullable<BigInt>, _>(before)
+        .bind::<BigInt, _>(limit)
+        .load(conn)
+        .await
+}
+
+/// Deletes the dead letters `selected` chooses; returns how many went.
+pub(super) async fn purge(conn: &mut AsyncPgConnection, selected: Selected) -> QueryResult<u64> {
+    let taken: Vec<TakenRow> = selected.query(TAKE_SQL).load(conn).await?;
+    Ok(taken.len() as u64)
+}
+
+/// In one transaction, deletes the dead letters `selected` chooses and enqueues their
+/// distinct ids as requested at `at`; returns how many dead letters went.
+pub(super) async fn replay(
+    conn: &mut AsyncPgConnection,
+    selected: Selected,
+    at: PgTimestamp,
+) -> QueryResult<u64> {
+    conn.transaction(async move |conn| {
+        let taken: Vec<TakenRow> = selected.query(TAKE_SQL).load(conn).await?;
+        let replayed = taken.len() as u64;
+        let ids = distinct_ids(taken.into_iter().map(|row| row.object_id).collect());
+        if !ids.is_empty() {
+            EnqueueBatch::new(ids, at).execute(conn).await?;
+        }
+        Ok(replayed)
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -29,15 +29,20 @@ use diesel_async::pooled_connection::{
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
-use domain::ports::{Backlog, Claim, Completion, FailureRecord, Requested};
+use domain::ports::{
+    Backlog, Claim, Completion, DeadLetter, FailureFilter, FailureQuery, FailureRecord, Requested,
+};
 use domain::{ObjectId, StoreError, StoredObject, Timestamp};
 use tokio_postgres::config::Host;
 use tracing::Instrument;
 
 use self::inbox::{EnqueueBatch, EnqueueTracedBatch};
-use self::schema::{fetch_failures, inbox as inbox_rows, objects};
+use self::schema::{inbox as inbox_rows, objects};
 use self::upsert::UpsertBatch;
-use crate::inbox::{ClaimedRow, Enqueue, Settlement, claims_in_order, sql_limit, stored_id};
+use crate::inbox::{
+    ClaimedRow, Enqueue, Settlement, claims_in_order, count_column, sql_limit, stored_count,
+    stored_id,
+};
 use crate::{OpenError, StoreOptions};
 
 /// The migrations of the PostgreSQL backend, compiled into the binary.
@@ -700,6 +705,7 @@ impl PgStore {
                         inbox_rows::generation,
                         inbox_rows::requested_at,
                         inbox_rows::trace,
+                        inbox_rows::attempts,
                     ))
                     .get_results::<ClaimedRow<PgTimestamp>>(&mut conn)
                     .await
@@ -708,8 +714,10 @@ impl PgStore {
         tracing::Span::current().record("claimed", rows.len());
         claims_in_order(
             rows.into_iter()
-                .map(|(id, generation, at, trace)| (id, generation, at.0, trace))
-                .collect(),
+                .map(|(id, generation, at, trace, attempts)| {
+                    Ok((id, generation, from_pg(at)?, trace, attempts))
+                })
+                .collect::<Result<_, StoreError>>()?,
         )
     }
 
@@ -737,13 +745,14 @@ impl PgStore {
             .collect::<Result<Vec<_>, StoreError>>()?;
         let failures = settlement
             .failures
-            .into_iter()
+            .iter()
             .map(|record| {
                 Ok((
                     record.id.get(),
-                    record.code,
-                    record.reason,
+                    record.code.clone(),
+                    record.reason.clone(),
                     to_pg(record.at)?,
+                    count_column(record.attempts),
                 ))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
@@ -751,7 +760,7 @@ impl PgStore {
             owner: owner.to_owned(),
             online: (!online.is_empty()).then(|| UpsertBatch::new(online)),
             failures,
-            claims: settlement.claims,
+            settlement,
             again_from: to_pg(again_from)?,
         };
         self.run(move |mut conn| async move { completion.execute(&mut conn).await })
@@ -791,59 +800,76 @@ impl PgStore {
 
     #[tracing::instrument(level = "debug", name = "postgres.backlog", skip_all)]
     async fn inbox_backlog(&self) -> Result<Backlog, StoreError> {
-        let (pending, oldest) = self
+        let ((pending, oldest), (retrying, oldest_retrying)) = self
             .run(|mut conn| async move {
-                inbox_rows::table
+                let all = inbox_rows::table
                     .select((
                         diesel::dsl::count_star(),
                         diesel::dsl::min(inbox_rows::requested_at),
                     ))
                     .get_result::<(i64, Option<PgTimestamp>)>(&mut conn)
-                    .await
+                    .await?;
+                let retrying = inbox_rows::table
+                    .filter(inbox_rows::attempts.gt(0))
+                    .select((
+                        diesel::dsl::count_star(),
+                        diesel::dsl::min(inbox_rows::requested_at),
+                    ))
+                    .get_result::<(i64, Option<PgTimestamp>)>(&mut conn)
+                    .await?;
+                Ok((all, retrying))
             })
             .await?;
         Ok(Backlog {
             pending: u64::try_from(pending).unwrap_or(0),
             oldest: oldest.map(from_pg).transpose()?,
+            retrying: u64::try_from(retrying).unwrap_or(0),
+            oldest_retrying: oldest_retrying.map(from_pg).transpose()?,
         })
     }
 
-    #[tracing::instrument(
-        level = "debug",
-        name = "postgres.recent_failures",
-        skip_all,
-        fields(limit)
-    )]
-    async fn failures(&self, limit: usize) -> Result<Vec<FailureRecord>, StoreError> {
-        if limit == 0 {
+    #[tracing::instrument(level = "debug", name = "postgres.failures", skip_all, fields(limit = query.limit))]
+    async fn dead_letters(&self, query: &FailureQuery) -> Result<Vec<DeadLetter>, StoreError> {
+        if query.limit == 0 {
             return Ok(Vec::new());
         }
-        let limit = sql_limit(limit);
-        let rows = self
-            .run(move |mut conn| async move {
-                fetch_failures::table
-                    .order(fetch_failures::seq.desc())
-                    .limit(limit)
-                    .select((
-                        fetch_failures::object_id,
-                        fetch_failures::code,
-                        fetch_failures::reason,
-                        fetch_failures::failed_at,
-                    ))
-                    .load::<(i64, String, String, PgTimestamp)>(&mut conn)
-                    .await
+        let selected = inbox::Selected::new(&query.filter)?;
+        let before = query.before;
+        let limit = sql_limit(query.limit);
+        let rows =
+            self.run(move |mut conn| async move {
+                inbox::list(&mut conn, selected, before, limit).await
             })
             .await?;
         rows.into_iter()
-            .map(|(id, code, reason, at)| {
-                Ok(FailureRecord {
-                    id: stored_id(id)?,
-                    code,
-                    reason,
-                    at: from_pg(at)?,
+            .map(|row| {
+                Ok(DeadLetter {
+                    seq: row.seq,
+                    record: FailureRecord {
+                        id: stored_id(row.object_id)?,
+                        code: row.code,
+                        reason: row.reason,
+                        at: from_pg(row.failed_at)?,
+                        attempts: stored_count(row.attempts),
+                    },
                 })
             })
             .collect()
+    }
+
+    #[tracing::instrument(level = "debug", name = "postgres.replay_failures", skip_all)]
+    async fn replay(&self, filter: &FailureFilter, at: Timestamp) -> Result<u64, StoreError> {
+        let selected = inbox::Selected::new(filter)?;
+        let at = to_pg(at)?;
+        self.run(move |mut conn| async move { inbox::replay(&mut conn, selected, at).await })
+            .await
+    }
+
+    #[tracing::instrument(level = "debug", name = "postgres.purge_failures", skip_all)]
+    async fn purge(&self, filter: &FailureFilter) -> Result<u64, StoreError> {
+        let selected = inbox::Selected::new(filter)?;
+        self.run(move |mut conn| async move { inbox::purge(&mut conn, selected).await })
+            .await
     }
 }
 

@@ -27,6 +27,10 @@ diesel::table! {
         lease_until -> Nullable<Timestamptz>,
         /// The trace context of the newest request that carried one (W3C `traceparent`).
         trace -> Nullable<Text>,
+        /// Failed attempts so far; while `lease_owner` is NULL, `lease_until` is the next.
+        attempts -> Integer,
+        /// The latest failed attempt's cause, `code: reason`.
+        last_error -> Nullable<Text>,
     }
 }
 
@@ -43,5 +47,7 @@ diesel::table! {
         reason -> Text,
         /// When the failure was recorded.
         failed_at -> Timestamptz,
+        /// How many fetches were tried in all.
+        attempts -> Integer,
     }
 }

@@ -23,12 +23,16 @@ use diesel_async::pooled_connection::{
 };
 use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
-use domain::ports::{Backlog, Claim, Completion, FailureRecord, Requested};
+use domain::ports::{
+    Backlog, Claim, Completion, DeadLetter, FailureFilter, FailureQuery, FailureRecord, Requested,
+};
 use domain::{ObjectId, StoreError, StoredObject, Timestamp};
 use tracing::Instrument;
 
-use self::schema::{fetch_failures, inbox as inbox_rows, objects};
-use crate::inbox::{ClaimedRow, Enqueue, Settlement, claims_in_order, sql_limit, stored_id};
+use self::schema::{inbox as inbox_rows, objects};
+use crate::inbox::{
+    ClaimedRow, Enqueue, Settlement, claims_in_order, sql_limit, stored_count, stored_id,
+};
 use crate::{OpenError, StoreOptions};
 
 /// The migrations of the SQLite backend, compiled into the binary.
@@ -382,13 +386,26 @@ impl SqliteStore {
                         inbox_rows::generation,
                         inbox_rows::requested_at,
                         inbox_rows::trace,
+                        inbox_rows::attempts,
                     ))
                     .get_results::<ClaimedRow<i64>>(&mut conn)
                     .await
             })
             .await?;
         tracing::Span::current().record("claimed", rows.len());
-        claims_in_order(rows)
+        claims_in_order(
+            rows.into_iter()
+                .map(|(id, generation, at, trace, attempts)| {
+                    (
+                        id,
+                        generation,
+                        Timestamp::from_unix_micros(at),
+                        trace,
+                        attempts,
+                    )
+                })
+                .collect(),
+        )
     }
 
     #[tracing::instrument(level = "debug", name = "sqlite.complete", skip_all, fields(claims = done.len()))]
@@ -402,20 +419,11 @@ impl SqliteStore {
         if settlement.is_empty() {
             return Ok(());
         }
-        let online: Vec<write::Row> = settlement.online.iter().map(write::Row::from).collect();
-        let failures: Vec<inbox::FailureRow> = settlement
-            .failures
-            .into_iter()
-            .map(inbox::FailureRow::from)
-            .collect();
-        let claims = settlement.claims;
         let owner = owner.to_owned();
         let again_from = again_from.as_unix_micros();
         self.run(Access::Write, move |mut conn| async move {
-            conn.spawn_blocking(move |conn| {
-                inbox::complete(conn, &owner, &online, &failures, &claims, again_from)
-            })
-            .await
+            conn.spawn_blocking(move |conn| inbox::complete(conn, &owner, &settlement, again_from))
+                .await
         })
         .await
     }
@@ -453,59 +461,81 @@ impl SqliteStore {
 
     #[tracing::instrument(level = "debug", name = "sqlite.backlog", skip_all)]
     async fn inbox_backlog(&self) -> Result<Backlog, StoreError> {
-        let (pending, oldest) = self
+        let ((pending, oldest), (retrying, oldest_retrying)) = self
             .run(Access::Read, |mut conn| async move {
-                inbox_rows::table
+                let all = inbox_rows::table
                     .select((
                         diesel::dsl::count_star(),
                         diesel::dsl::min(inbox_rows::requested_at),
                     ))
                     .get_result::<(i64, Option<i64>)>(&mut conn)
-                    .await
+                    .await?;
+                let retrying = inbox_rows::table
+                    .filter(inbox_rows::attempts.gt(0))
+                    .select((
+                        diesel::dsl::count_star(),
+                        diesel::dsl::min(inbox_rows::requested_at),
+                    ))
+                    .get_result::<(i64, Option<i64>)>(&mut conn)
+                    .await?;
+                Ok::<_, diesel::result::Error>((all, retrying))
             })
             .await?;
         Ok(Backlog {
             pending: u64::try_from(pending).unwrap_or(0),
             oldest: oldest.map(Timestamp::from_unix_micros),
+            retrying: u64::try_from(retrying).unwrap_or(0),
+            oldest_retrying: oldest_retrying.map(Timestamp::from_unix_micros),
         })
     }
 
-    #[tracing::instrument(
-        level = "debug",
-        name = "sqlite.recent_failures",
-        skip_all,
-        fields(limit)
-    )]
-    async fn failures(&self, limit: usize) -> Result<Vec<FailureRecord>, StoreError> {
-        if limit == 0 {
+    #[tracing::instrument(level = "debug", name = "sqlite.failures", skip_all, fields(limit = query.limit))]
+    async fn dead_letters(&self, query: &FailureQuery) -> Result<Vec<DeadLetter>, StoreError> {
+        if query.limit == 0 {
             return Ok(Vec::new());
         }
-        let limit = sql_limit(limit);
+        let query = query.clone();
         let rows = self
             .run(Access::Read, move |mut conn| async move {
-                fetch_failures::table
-                    .order(fetch_failures::seq.desc())
-                    .limit(limit)
-                    .select((
-                        fetch_failures::object_id,
-                        fetch_failures::code,
-                        fetch_failures::reason,
-                        fetch_failures::failed_at,
-                    ))
-                    .load::<(i64, String, String, i64)>(&mut conn)
+                conn.spawn_blocking(move |conn| inbox::list(conn, &query))
                     .await
             })
             .await?;
         rows.into_iter()
-            .map(|(id, code, reason, at)| {
-                Ok(FailureRecord {
-                    id: stored_id(id)?,
-                    code,
-                    reason,
-                    at: Timestamp::from_unix_micros(at),
+            .map(|(seq, id, code, reason, at, attempts)| {
+                Ok(DeadLetter {
+                    seq,
+                    record: FailureRecord {
+                        id: stored_id(id)?,
+                        code,
+                        reason,
+                        at: Timestamp::from_unix_micros(at),
+                        attempts: stored_count(attempts),
+                    },
                 })
             })
             .collect()
+    }
+
+    #[tracing::instrument(level = "debug", name = "sqlite.replay_failures", skip_all)]
+    async fn replay(&self, filter: &FailureFilter, at: Timestamp) -> Result<u64, StoreError> {
+        let filter = filter.clone();
+        let at = at.as_unix_micros();
+        self.run(Access::Write, move |mut conn| async move {
+            conn.spawn_blocking(move |conn| inbox::replay(conn, &filter, at))
+                .await
+        })
+        .await
+    }
+
+    #[tracing::instrument(level = "debug", name = "sqlite.purge_failures", skip_all)]
+    async fn purge(&self, filter: &FailureFilter) -> Result<u64, StoreError> {
+        let filter = filter.clone();
+        self.run(Access::Write, move |mut conn| async move {
+            conn.spawn_blocking(move |conn| inbox::purge(conn, &filter))
+                .await
+        })
+        .await
     }
 }
 

@@ -371,6 +371,8 @@ fn claim(raw: i64, generation: i64) -> Claim {
         trace: None,
         id: ObjectId::new(raw).expect("non-negative"),
         generation,
+        attempts: 0,
+        requested_at: Timestamp::from_unix_micros(0),
     }
 }
 
@@ -427,6 +429,7 @@ async fn an_enqueue_larger_than_one_statement_is_one_transaction() {
         Backlog {
             pending: u64::try_from(rows).expect("positive"),
             oldest: Some(Timestamp::from_unix_micros(5)),
+            ..Backlog::default()
         }
     );
 }
@@ -471,6 +474,7 @@ async fn a_failing_completion_changes_nothing() {
                         code: "timeout".into(),
                         reason: "slow".into(),
                         at: t(2),
+                        attempts: 1,
                     }),
                 },
                 Completion {
@@ -487,7 +491,16 @@ async fn a_failing_completion_changes_nothing() {
         "{err:?}"
     );
     assert_eq!(count(&store).await, 0);
-    assert_eq!(store.failures(10).await.expect("failures"), []);
+    assert_eq!(
+        store
+            .dead_letters(&FailureQuery {
+                limit: 10,
+                ..FailureQuery::default()
+            })
+            .await
+            .expect("failures"),
+        []
+    );
     assert_eq!(store.inbox_backlog().await.expect("backlog").pending, 3);
     assert_eq!(
         store
