@@ -32,6 +32,8 @@ struct Shared {
     cuts: watch::Sender<u64>,
     /// Connections relayed to the target right now.
     open: AtomicUsize,
+    /// Connections reset on arrival because the proxy was cut, since start.
+    refused: AtomicUsize,
 }
 
 impl Proxy {
@@ -46,6 +48,7 @@ impl Proxy {
             up: AtomicBool::new(true),
             cuts: watch::Sender::new(0),
             open: AtomicUsize::new(0),
+            refused: AtomicUsize::new(0),
         });
         let accept = tokio::spawn(accept(listener, Arc::clone(&shared)));
         Ok(Self {
@@ -87,6 +90,12 @@ impl Proxy {
         self.shared.up.store(true, Ordering::SeqCst);
     }
 
+    /// How many connections arrived while cut (each reset at once), since start: while
+    /// the target is away, every request a client makes costs one.
+    pub fn refused_connections(&self) -> usize {
+        self.shared.refused.load(Ordering::SeqCst)
+    }
+
     /// How many connections are relayed right now.
     pub fn open_connections(&self) -> usize {
         self.shared.open.load(Ordering::SeqCst)
@@ -109,6 +118,7 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>) {
         };
         let cuts = shared.cuts.subscribe();
         if !shared.up.load(Ordering::SeqCst) {
+            shared.refused.fetch_add(1, Ordering::SeqCst);
             reset(client);
             continue;
         }

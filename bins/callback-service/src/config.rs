@@ -15,6 +15,10 @@ use telemetry::{LogFormat, TelemetryConfig};
 /// The file read after the built-in defaults, relative to the working directory.
 pub const DEFAULT_FILE: &str = "config/default.toml";
 
+/// The shortest `pipeline.lease_ms`: the heartbeat renews leases every third of it, and a
+/// renewal every 100 ms is already a steady load on the database.
+const MIN_LEASE_MS: u64 = 300;
+
 /// Command-line flags for the common keys; each overrides every other source.
 #[derive(Debug, Default, Parser)]
 #[command(
@@ -199,6 +203,13 @@ pub struct UpstreamSection {
     pub retry_horizon_ms: u64,
     /// Most upstream requests in flight at once.
     pub max_in_flight: usize,
+    /// Most upstream requests per second (retries included); 0 = unlimited.
+    pub max_requests_per_second: u32,
+    /// Transient fetch failures in a row that open the circuit breaker (fetching pauses);
+    /// 0 = never.
+    pub breaker_failures: u32,
+    /// How long an open breaker fetches nothing before it probes with one fetch.
+    pub breaker_cool_down_ms: u64,
 }
 
 impl Default for UpstreamSection {
@@ -212,6 +223,9 @@ impl Default for UpstreamSection {
             retry_max_delay_ms: 300_000,
             retry_horizon_ms: 86_400_000,
             max_in_flight: 512,
+            max_requests_per_second: 0,
+            breaker_failures: 10,
+            breaker_cool_down_ms: 5_000,
         }
     }
 }
@@ -247,7 +261,8 @@ pub struct PipelineSection {
     pub drain_grace_ms: u64,
     /// Most callbacks committed to the inbox in one transaction (group commit).
     pub max_group: usize,
-    /// How long a claimed id stays leased to this instance before another may take it.
+    /// How long a claimed id stays leased to this instance without a heartbeat (renewed
+    /// every third of it while the fetch runs) before another may take it.
     pub lease_ms: u64,
     /// How often to look for ids whose lease ran out and to refresh the backlog figures.
     pub poll_interval_ms: u64,
@@ -267,7 +282,7 @@ impl Default for PipelineSection {
             max_pending_ids: 1_000_000,
             drain_grace_ms: 10_000,
             max_group: 1_024,
-            lease_ms: 30_000,
+            lease_ms: 5_000,
             poll_interval_ms: 1_000,
             refetch_delay_ms: 250,
             store_linger_ms: 100,
@@ -419,11 +434,15 @@ impl Config {
                 "invalid configuration: pipeline.instance_id must be at most 200 printable characters, got {instance:?}"
             );
         }
-        if self.pipeline.lease_ms <= self.upstream.retry_deadline_ms {
+        if self.pipeline.lease_ms < MIN_LEASE_MS {
             bail!(
-                "invalid configuration: pipeline.lease_ms ({}) must be greater than upstream.retry_deadline_ms ({}), or a slow fetch would be taken over while still running",
-                self.pipeline.lease_ms,
-                self.upstream.retry_deadline_ms
+                "invalid configuration: pipeline.lease_ms ({}) must be at least {MIN_LEASE_MS}: the heartbeat renews leases every third of it",
+                self.pipeline.lease_ms
+            );
+        }
+        if self.upstream.breaker_failures > 0 && self.upstream.breaker_cool_down_ms == 0 {
+            bail!(
+                "invalid configuration: upstream.breaker_cool_down_ms must be greater than 0 while upstream.breaker_failures is set"
             );
         }
         let upstream = &self.upstream.base_url;
@@ -637,7 +656,12 @@ mod tests {
             ),
             ("CALLBACK_DATABASE__URL", "mysql://u:pw@x/y", "database.url"),
             ("CALLBACK_HTTP__MAX_IDZ", "3", "max_idz"),
-            ("CALLBACK_PIPELINE__LEASE_MS", "1000", "pipeline.lease_ms"),
+            ("CALLBACK_PIPELINE__LEASE_MS", "299", "pipeline.lease_ms"),
+            (
+                "CALLBACK_UPSTREAM__BREAKER_COOL_DOWN_MS",
+                "0",
+                "upstream.breaker_cool_down_ms",
+            ),
         ];
         for &(var, value, key) in cases {
             Jail::expect_with(|jail| {

@@ -158,6 +158,10 @@ async fn run(config: Config, metrics: telemetry::metrics::MetricsHandle) -> anyh
             jitter_seed: u64::from(std::process::id())
                 ^ clock.now().as_unix_micros().cast_unsigned(),
             failure_retention: ms(config.failures.retention_ms),
+            breaker: domain::BreakerConfig {
+                failures: config.upstream.breaker_failures,
+                cool_down: ms(config.upstream.breaker_cool_down_ms),
+            },
             ..PipelineConfig::default()
         },
     );

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::breaker::BreakerStatus;
 use crate::id::{DistinctIds, ObjectId};
 use crate::pipeline::{PipelineHandle, PipelineStats, SubmitError};
 use crate::ports::{
@@ -64,6 +65,8 @@ pub struct Health {
     /// `Err` with the cause while the upstream is failing. Callbacks are still accepted
     /// (they wait in the inbox), so this alone does not make the service unhealthy.
     pub upstream: Result<(), String>,
+    /// Where the upstream circuit breaker stands: while it is open, nothing is fetched.
+    pub breaker: BreakerStatus,
     /// The pipeline's counters.
     pub pipeline: PipelineStats,
 }
@@ -151,6 +154,7 @@ impl Application {
                 Err(err) => Err(err),
             },
             upstream: self.pipeline.upstream_health(),
+            breaker: self.pipeline.breaker(),
             pipeline: self.pipeline.stats(),
         }
     }

@@ -5,6 +5,7 @@
 //! `testing` (feature `testing`) so the pipeline can be driven by tokio's paused clock.
 
 pub mod app;
+pub mod breaker;
 pub mod expiry;
 pub mod id;
 pub mod log_budget;
@@ -18,6 +19,7 @@ pub mod time;
 pub mod testing;
 
 pub use app::{AcceptError, Accepted, Application, Health};
+pub use breaker::{BreakerConfig, BreakerState, BreakerStatus};
 pub use expiry::{ExpiryConfig, ExpiryWaker, Sweeper};
 pub use id::{DistinctIds, InvalidObjectId, ObjectId};
 pub use pipeline::{Pipeline, PipelineConfig, PipelineHandle, PipelineStats, SubmitError};

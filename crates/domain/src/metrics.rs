@@ -38,6 +38,12 @@ pub const INBOX_OLDEST_RETRYING: &str = "inbox_oldest_retrying_seconds";
 pub const DEAD_LETTERS_REPLAYED: &str = "dead_letters_replayed_total";
 /// Dead letters deleted, by `reason` (`operator`, `retention`).
 pub const DEAD_LETTERS_PURGED: &str = "dead_letters_purged_total";
+/// The upstream circuit breaker's state: 0 closed, 1 open, 2 half-open.
+pub const UPSTREAM_BREAKER_STATE: &str = "upstream_breaker_state";
+/// Changes of the upstream circuit breaker's state, by the state entered (`to`).
+pub const UPSTREAM_BREAKER_TRANSITIONS: &str = "upstream_breaker_transitions_total";
+/// Lease renewals (heartbeats) of the ids this instance is fetching.
+pub const LEASE_RENEWALS: &str = "inbox_lease_renewals_total";
 /// How long one `ObjectSource::fetch` took, retries included.
 pub const UPSTREAM_FETCH_DURATION: &str = "upstream_fetch_duration_seconds";
 /// Upstream fetches running now.
@@ -124,6 +130,21 @@ pub fn describe() {
         DEAD_LETTERS_PURGED,
         Unit::Count,
         "dead letters deleted, by reason (operator, retention)"
+    );
+    describe_gauge!(
+        UPSTREAM_BREAKER_STATE,
+        Unit::Count,
+        "the upstream circuit breaker: 0 closed, 1 open (claiming nothing), 2 half-open (one probe)"
+    );
+    describe_counter!(
+        UPSTREAM_BREAKER_TRANSITIONS,
+        Unit::Count,
+        "changes of the upstream circuit breaker's state, by the state entered (open, half_open, closed)"
+    );
+    describe_counter!(
+        LEASE_RENEWALS,
+        Unit::Count,
+        "heartbeats that renewed the leases of the ids this instance is fetching"
     );
     describe_histogram!(
         UPSTREAM_FETCH_DURATION,

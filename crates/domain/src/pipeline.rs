@@ -22,6 +22,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
+use crate::breaker::{Admit, Breaker, BreakerConfig, BreakerStatus};
 use crate::expiry::ExpiryWaker;
 use crate::id::{DistinctIds, ObjectId};
 use crate::log_budget::LogBudget;
@@ -47,8 +48,10 @@ pub struct PipelineConfig {
     pub max_group: usize,
     /// How many distinct ids may wait before callbacks are refused with 503.
     pub max_pending_ids: usize,
-    /// How long a claimed id stays leased to this instance; must outlast one fetch with
-    /// all its retries, or the id is fetched twice.
+    /// How long a claimed id stays leased to this instance without a heartbeat. While
+    /// this instance holds claims, a heartbeat renews them every third of this, so a fetch
+    /// may take longer; an instance that dies leaves its claims to others this long after
+    /// its last heartbeat.
     pub lease: Duration,
     /// How often to look for ids whose lease ran out (another instance died) and to
     /// refresh the backlog figures.
@@ -74,6 +77,8 @@ pub struct PipelineConfig {
     /// How long a dead letter is kept unless an operator replays or purges it first;
     /// `Duration::ZERO` keeps them for ever.
     pub failure_retention: Duration,
+    /// When fetching pauses to spare a failing upstream.
+    pub breaker: BreakerConfig,
 }
 
 impl Default for PipelineConfig {
@@ -84,7 +89,7 @@ impl Default for PipelineConfig {
             max_batch: 1_000,
             max_group: 1_024,
             max_pending_ids: 1_000_000,
-            lease: Duration::from_secs(30),
+            lease: Duration::from_secs(5),
             poll_interval: Duration::from_secs(1),
             store_linger: Duration::from_millis(100),
             refetch_delay: Duration::from_millis(250),
@@ -93,6 +98,7 @@ impl Default for PipelineConfig {
             retry: RetryPolicy::default(),
             jitter_seed: 0x5EED,
             failure_retention: Duration::from_secs(7 * 24 * 3600),
+            breaker: BreakerConfig::default(),
         }
     }
 }
@@ -243,6 +249,8 @@ struct Shared {
     jitter: Jitter,
     /// Whether the upstream is failing, as the latest fetches found it.
     upstream: LatestFailure<String>,
+    /// Pauses claiming while the upstream keeps failing.
+    breaker: Breaker,
     /// Whether inbox writes are failing, as the latest ones found.
     writes: LatestFailure<StoreError>,
     counters: Counters,
@@ -438,6 +446,11 @@ impl PipelineHandle {
             .map_or(Ok(()), |(_, cause)| Err(cause))
     }
 
+    /// Where the upstream circuit breaker stands.
+    pub fn breaker(&self) -> BreakerStatus {
+        self.shared.breaker.status(tokio::time::Instant::now())
+    }
+
     /// The error of the latest inbox write while writes are failing (the disk is full, say)
     /// though the database may still answer reads; `Ok` once a write succeeds again, or
     /// when none has been tried for a while.
@@ -462,6 +475,7 @@ pub struct Pipeline {
     dispatcher: tokio::task::JoinHandle<JoinSet<()>>,
     completer: tokio::task::JoinHandle<()>,
     monitor: tokio::task::JoinHandle<()>,
+    heartbeat: tokio::task::JoinHandle<()>,
     stop_claiming: CancellationToken,
     abort: CancellationToken,
 }
@@ -484,6 +498,7 @@ impl Pipeline {
         let max_batch = config.max_batch.max(1);
         let max_group = config.max_group.max(1);
         let jitter = Jitter::new(config.jitter_seed);
+        let breaker = Breaker::new(config.breaker);
         let shared = Arc::new(Shared {
             config,
             clock,
@@ -492,6 +507,7 @@ impl Pipeline {
             failure_log: LogBudget::new(FAILURE_LINES_PER_SECOND),
             jitter,
             upstream: LatestFailure::default(),
+            breaker,
             writes: LatestFailure::default(),
             counters: Counters {
                 oldest: AtomicI64::new(i64::MIN),
@@ -527,12 +543,14 @@ impl Pipeline {
             abort.clone(),
         ));
         let monitor = tokio::spawn(monitor(Arc::clone(&shared), stop_claiming.clone()));
+        let heartbeat = tokio::spawn(heartbeat(Arc::clone(&shared), abort.clone()));
         Self {
             handle: PipelineHandle { shared, requests },
             ingest,
             dispatcher,
             completer,
             monitor,
+            heartbeat,
             stop_claiming,
             abort,
         }
@@ -554,6 +572,7 @@ impl Pipeline {
             dispatcher,
             mut completer,
             monitor,
+            heartbeat,
             stop_claiming,
             abort,
         } = self;
@@ -581,6 +600,7 @@ impl Pipeline {
         if !drained {
             let _ = completer.await;
         }
+        let _ = heartbeat.await;
         if tokio::time::timeout(grace, ingest).await.is_err() {
             tracing::warn!("ingest writer did not stop in time");
         }
@@ -727,11 +747,25 @@ async fn dispatch(
                 starved = true; // the completer wakes us when capacity frees up
                 break;
             }
+            // While the upstream keeps failing, claim nothing until the breaker's cool-down
+            // ends, then one id as its probe; the ids wait in the inbox meanwhile.
+            let instant = tokio::time::Instant::now();
+            let (wanted, probe) = match shared.breaker.admit(instant) {
+                Admit::All => (free, false),
+                Admit::Probe => (1, true),
+                Admit::Nothing { until } => {
+                    starved = false; // a fetch that ends reports to the breaker, which wakes us
+                    if let Some(until) = until {
+                        wait = wait.min(until.saturating_duration_since(instant));
+                    }
+                    break;
+                }
+            };
             let now = shared.clock.now();
             let lease_until = now.saturating_add(shared.config.lease);
             let claims = match shared
                 .db
-                .claim(&shared.config.owner, now, lease_until, free)
+                .claim(&shared.config.owner, now, lease_until, wanted)
                 .await
             {
                 Ok(claims) => {
@@ -739,6 +773,9 @@ async fn dispatch(
                     claims
                 }
                 Err(err) => {
+                    if probe {
+                        shared.breaker.probe_unused(tokio::time::Instant::now());
+                    }
                     metrics::store_error("claim");
                     tracing::warn!(error = %err, retry_in = ?pause, "cannot claim work from the inbox");
                     wait = pause;
@@ -747,7 +784,10 @@ async fn dispatch(
                 }
             };
             let claimed = claims.len();
-            starved = claimed == free;
+            if probe && claimed == 0 {
+                shared.breaker.probe_unused(tokio::time::Instant::now());
+            }
+            starved = !probe && claimed == free;
             shared.unsettled.fetch_add(claimed as u64, Ordering::AcqRel);
             for claim in claims {
                 let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
@@ -762,8 +802,8 @@ async fn dispatch(
                     abort.clone(),
                 ));
             }
-            if claimed < free {
-                break; // nothing more is claimable now
+            if probe || claimed < free {
+                break; // nothing more is claimable now, or only the probe may run
             }
         }
     }
@@ -799,6 +839,12 @@ async fn fetch(
     m.fetch_duration.record(metrics::seconds(started.elapsed()));
     let now = shared.clock.now();
     let transient = answer.as_ref().err().filter(|err| err.is_transient());
+    if shared
+        .breaker
+        .record(transient.is_none(), tokio::time::Instant::now())
+    {
+        shared.work_ready.notify_one(); // the breaker moved: claim again, or wait for it
+    }
     shared
         .upstream
         .note(transient.map(ToString::to_string), now);
@@ -1073,6 +1119,37 @@ async fn purge_expired_failures(shared: &Shared) {
         Err(err) => {
             metrics::store_error("purge_failures");
             tracing::warn!(error = %err, "cannot purge dead letters past their retention; trying again later");
+        }
+    }
+}
+
+/// Renews the leases of this instance's claims every third of a lease while it holds any,
+/// so a fetch (with its retries) or a commit may take longer than a lease, and yet a
+/// dead instance's claims are free for others a lease after its last heartbeat. Runs
+/// until the pipeline aborts, after the last fetch in flight was recorded.
+async fn heartbeat(shared: Arc<Shared>, abort: CancellationToken) {
+    let every = (shared.config.lease / 3).max(Duration::from_millis(1));
+    let renewals = ::metrics::counter!(metrics::LEASE_RENEWALS);
+    let log = LogBudget::per_window(1, Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = abort.cancelled() => return,
+        }
+        if shared.unsettled.load(Ordering::Acquire) == 0 {
+            continue; // nothing claimed: no round trip
+        }
+        let now = shared.clock.now();
+        let until = now.saturating_add(shared.config.lease);
+        match shared.db.renew(&shared.config.owner, until).await {
+            Ok(_) => renewals.increment(1),
+            Err(err) => {
+                metrics::store_error("renew");
+                if let Some(suppressed) = log.admit(now) {
+                    tracing::warn!(error = %err, suppressed_since_last = suppressed,
+                        "cannot renew the leases of this instance's claims; another instance may fetch them too once they run out");
+                }
+            }
         }
     }
 }

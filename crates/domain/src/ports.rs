@@ -372,6 +372,16 @@ pub trait Inbox: Send + Sync + 'static {
     /// start of the only instance using the database); returns how many were freed.
     fn release<'a>(&'a self, owner: Option<&'a str>) -> BoxFuture<'a, Result<u64, StoreError>>;
 
+    /// Extends to `lease_until` every lease `owner` holds (the heartbeat while its fetches
+    /// run, so leases can be short and a dead instance's work moves on soon); returns how
+    /// many were renewed. A lease that ran out and was taken over is not `owner`'s any more
+    /// and stays with its new holder.
+    fn renew<'a>(
+        &'a self,
+        owner: &'a str,
+        lease_until: Timestamp,
+    ) -> BoxFuture<'a, Result<u64, StoreError>>;
+
     /// How many ids wait, and since when.
     fn backlog(&self) -> BoxFuture<'_, Result<Backlog, StoreError>>;
 

@@ -80,9 +80,18 @@ async fn health(state: Arc<ApiState>, _: Request<Incoming>, _: PathParams) -> Ha
     let pipeline = StatsJson::from(health.pipeline);
     // A failing upstream is reported but keeps the status 200: callbacks are still
     // accepted and wait in the inbox until it answers again.
+    let breaker = &health.breaker;
+    let mut breaker_json = json!({
+        "state": breaker.state.as_str(),
+        "consecutive_failures": breaker.consecutive_failures,
+    });
+    if let Some(probe_in) = breaker.probe_in {
+        breaker_json["probe_in_ms"] =
+            Value::from(u64::try_from(probe_in.as_millis()).unwrap_or(u64::MAX));
+    }
     let upstream = match &health.upstream {
-        Ok(()) => json!({ "status": "ok" }),
-        Err(cause) => json!({ "status": "failing", "error": cause }),
+        Ok(()) => json!({ "status": "ok", "breaker": breaker_json }),
+        Err(cause) => json!({ "status": "failing", "error": cause, "breaker": breaker_json }),
     };
     match health.database {
         Ok(()) => json_response(

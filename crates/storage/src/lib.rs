@@ -87,6 +87,14 @@ macro_rules! delegate_ports {
                 Box::pin(self.release_leases(owner))
             }
 
+            fn renew<'a>(
+                &'a self,
+                owner: &'a str,
+                lease_until: ::domain::Timestamp,
+            ) -> ::domain::BoxFuture<'a, Result<u64, ::domain::StoreError>> {
+                Box::pin(self.renew_leases(owner, lease_until))
+            }
+
             fn backlog(&self) -> ::domain::BoxFuture<'_, Result<::domain::Backlog, ::domain::StoreError>> {
                 Box::pin(self.inbox_backlog())
             }

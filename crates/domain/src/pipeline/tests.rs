@@ -783,6 +783,12 @@ async fn requests_during_a_fetch_and_its_refetch_delay_share_one_more_fetch() {
     assert!(rig.stored(2).await.is_some());
 }
 
+/// A breaker that never opens, for the cases about the retry schedule itself.
+const NO_BREAKER: BreakerConfig = BreakerConfig {
+    failures: 0,
+    cool_down: Duration::from_secs(5),
+};
+
 /// A source that is down (connection refused) while its switch is on.
 fn outage(rig: &Rig) -> Arc<AtomicBool> {
     let down = Arc::new(AtomicBool::new(true));
@@ -812,6 +818,7 @@ async fn an_upstream_down_for_three_hours_loses_nothing_and_is_retried_on_schedu
     let config = PipelineConfig {
         retry: policy,
         ttl: Duration::from_secs(24 * 3600), // what is stored stays to be checked
+        breaker: NO_BREAKER,                 // the schedule itself, every attempt made
         ..PipelineConfig::default()
     };
     // Everything but the pause itself that may pass between two attempts of an id: the
@@ -901,6 +908,7 @@ async fn past_the_horizon_an_id_is_a_dead_letter_with_its_last_cause_and_replay_
     };
     let rig = Rig::new(PipelineConfig {
         retry: policy,
+        breaker: NO_BREAKER, // each id's attempts on schedule up to the horizon
         ..PipelineConfig::default()
     });
     rig.source.set_rule(|_| Err(FetchError::Status(503)));
@@ -1018,5 +1026,131 @@ async fn a_restarted_instance_takes_its_own_leases_back_at_once() {
         "{fetches:?}"
     );
     assert!(rig.stored(20).await.is_some());
+    assert_eq!(rig.store.inbox_len(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_upstream_opens_the_breaker_which_probes_once_per_cool_down() {
+    let breaker = BreakerConfig {
+        failures: 5,
+        cool_down: Duration::from_secs(5),
+    };
+    let rig = Rig::new(PipelineConfig {
+        breaker,
+        ttl: Duration::from_secs(3600),
+        ..PipelineConfig::default()
+    });
+    let handle = rig.pipeline.handle();
+    let down = outage(&rig);
+    let all: Vec<i64> = (0..100).collect();
+    rig.submit(&all).await.unwrap();
+    sleep(LATENCY * 2).await;
+    assert_eq!(
+        rig.source.fetches().len(),
+        100,
+        "the first wave, all at once"
+    );
+    assert_eq!(handle.breaker().state, crate::BreakerState::Open);
+
+    let outage_for = Duration::from_secs(600);
+    sleep(outage_for).await;
+    rig.submit(&[1_000, 1_002])
+        .await
+        .expect("callbacks are accepted while the breaker is open");
+    // One probe per cool-down (plus the probe's own answer time), however many ids wait.
+    let fetched = rig.source.fetches().len();
+    let probes = fetched - 100;
+    let most = (outage_for.as_secs() / breaker.cool_down.as_secs()) as usize + 1;
+    let fewest = (outage_for.as_secs() / (breaker.cool_down + LATENCY).as_secs()) as usize - 1;
+    assert!(
+        (fewest..=most).contains(&probes),
+        "{probes} probes in {outage_for:?}, expected {fewest}..={most}"
+    );
+    let status = handle.breaker();
+    assert_ne!(status.state, crate::BreakerState::Closed, "{status:?}");
+    assert!(
+        status.consecutive_failures as usize >= fetched,
+        "{status:?}"
+    );
+    assert_eq!(
+        rig.stats().failed,
+        0,
+        "nothing is given up within the horizon"
+    );
+    assert_eq!(rig.store.inbox_len(), 102);
+
+    // Back up: the next probe closes the breaker, and every id settles at its own next
+    // attempt (the probes moved some ids along their schedule, at most to its cap).
+    let most_attempts = all
+        .iter()
+        .filter_map(|&raw| rig.store.attempts(id(raw)).map(|(n, _)| n))
+        .max()
+        .unwrap();
+    let longest_pause = RetryPolicy::default().ceiling(most_attempts);
+    down.store(false, Ordering::SeqCst);
+    sleep(breaker.cool_down + LATENCY * 2).await;
+    assert_eq!(handle.breaker().state, crate::BreakerState::Closed);
+    sleep(longest_pause + LATENCY * 3).await;
+    assert_eq!(handle.breaker().consecutive_failures, 0);
+    assert_eq!(rig.store.inbox_len(), 0);
+    for raw in all.iter().chain(&[1_000, 1_002]) {
+        assert_eq!(rig.stored(*raw).await.is_some(), raw % 2 == 0, "id {raw}");
+    }
+    assert_eq!(rig.dead_letters().await, []);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_probe_keeps_the_breaker_open_and_a_permanent_error_counts_as_an_answer() {
+    let breaker = BreakerConfig {
+        failures: 3,
+        cool_down: Duration::from_secs(10),
+    };
+    let rig = Rig::new(PipelineConfig {
+        breaker,
+        ..PipelineConfig::default()
+    });
+    let handle = rig.pipeline.handle();
+    let _down = outage(&rig);
+    rig.submit(&[1, 2, 3]).await.unwrap();
+    sleep(LATENCY * 2).await;
+    assert_eq!(handle.breaker().state, crate::BreakerState::Open);
+    let probe_in = handle.breaker().probe_in.expect("open: a probe is due");
+    assert!(probe_in <= breaker.cool_down, "{probe_in:?}");
+    // The probe fails: open again for a whole cool-down, one fetch spent.
+    sleep(probe_in + LATENCY + Duration::from_millis(10)).await;
+    assert_eq!(rig.source.fetches().len(), 4);
+    assert_eq!(handle.breaker().state, crate::BreakerState::Open);
+
+    // An upstream that answers 404 is reachable: the probe closes the breaker.
+    rig.source.set_rule(|_| Err(FetchError::Status(404)));
+    sleep(breaker.cool_down + LATENCY * 4).await;
+    assert_eq!(handle.breaker().state, crate::BreakerState::Closed);
+    assert_eq!(rig.dead_letters().await.len(), 3, "permanent errors");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fetch_longer_than_the_lease_keeps_its_claim_through_the_heartbeat() {
+    let lease = Duration::from_millis(300); // a third of one fetch
+    let rig = Rig::new(PipelineConfig {
+        lease,
+        owner: "alive".into(),
+        ..PipelineConfig::default()
+    });
+    rig.submit(&[8]).await.unwrap();
+    sleep(lease * 2).await; // the fetch runs on, past its first lease
+    let taken = rig
+        .store
+        .claim(
+            "other",
+            rig.clock.now(),
+            rig.clock.now().saturating_add(lease),
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(taken, [], "the heartbeat renewed the lease");
+    sleep(LATENCY).await;
+    assert_eq!(rig.source.fetches().len(), 1, "fetched once");
+    assert!(rig.stored(8).await.is_some());
     assert_eq!(rig.store.inbox_len(), 0);
 }

@@ -216,6 +216,7 @@ macro_rules! inbox_conformance {
             inbox_completing_twice_is_harmless,
             inbox_a_late_completion_never_removes_a_newer_request,
             inbox_release_frees_one_owner_or_every_lease,
+            inbox_renew_extends_only_the_owners_leases,
             inbox_backlog_counts_waiting_and_leased_ids,
             inbox_empty_input_is_a_no_op,
             inbox_smallest_and_largest_ids,
@@ -1103,6 +1104,55 @@ pub async fn inbox_release_frees_one_owner_or_every_lease(db: Arc<dyn Database>)
         [(1, 1), (2, 1), (3, 1), (4, 1), (5, 1)]
     );
     assert_eq!(backlog(db).await.pending, 5, "releasing removes nothing");
+}
+
+/// `renew` extends every lease its owner holds and nothing else: not another owner's, not
+/// an id waiting for its next attempt (nobody's lease), not one taken over.
+pub async fn inbox_renew_extends_only_the_owners_leases(db: Arc<dyn Database>) {
+    let db = &*db;
+    let renew = |owner: &'static str, until: Timestamp| async move {
+        db.renew(owner, until).await.expect("renew failed")
+    };
+    assert_eq!(renew(OWNER_A, at(1_000)).await, 0, "nothing is leased yet");
+    enqueue(db, &[1, 2], at(0)).await;
+    enqueue(db, &[3], at(10)).await;
+    enqueue(db, &[4], at(20)).await;
+    assert_eq!(
+        by_id(&claim_until(db, OWNER_A, at(30), at(100), 2).await),
+        [(1, 1), (2, 1)]
+    );
+    assert_eq!(
+        by_id(&claim_until(db, OWNER_B, at(30), at(100), 1).await),
+        [(3, 1)]
+    );
+    assert_eq!(
+        by_id(&claim_until(db, OWNER_A, at(30), at(100), 1).await),
+        [(4, 1)]
+    );
+    complete(db, OWNER_A, &[retried(4, 1, at(150))]).await;
+
+    assert_eq!(renew("nobody", at(1_000)).await, 0);
+    assert_eq!(
+        renew(OWNER_A, at(1_000)).await,
+        2,
+        "ids 1 and 2, not the retry"
+    );
+    assert_eq!(
+        by_id(&claim_until(db, OWNER_C, at(200), at(5_000), 10).await),
+        [(3, 1), (4, 1)],
+        "B's lease ran out and 4's attempt is due; A's renewed leases hold"
+    );
+    assert_eq!(
+        renew(OWNER_B, at(2_000)).await,
+        0,
+        "B's lease was taken over: it is C's now"
+    );
+    assert_eq!(claim(db, OWNER_C, at(999), 10).await, []);
+    assert_eq!(
+        by_id(&claim(db, OWNER_C, at(1_000), 10).await),
+        [(1, 1), (2, 1)],
+        "the renewed leases run out at their new time"
+    );
 }
 
 /// `backlog` counts the distinct ids waiting or leased, and the first request time of the

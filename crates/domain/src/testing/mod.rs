@@ -441,6 +441,26 @@ impl Inbox for MemoryStore {
         })
     }
 
+    fn renew<'a>(
+        &'a self,
+        owner: &'a str,
+        lease_until: Timestamp,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(async move {
+            self.check()?;
+            let mut renewed = 0;
+            for row in self.inbox.lock().unwrap().values_mut() {
+                if let Some((holder, until)) = &mut row.lease
+                    && holder == owner
+                {
+                    *until = lease_until;
+                    renewed += 1;
+                }
+            }
+            Ok(renewed)
+        })
+    }
+
     fn backlog(&self) -> BoxFuture<'_, Result<Backlog, StoreError>> {
         Box::pin(async move {
             self.check()?;

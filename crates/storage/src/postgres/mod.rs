@@ -767,6 +767,22 @@ impl PgStore {
             .await
     }
 
+    #[tracing::instrument(level = "debug", name = "postgres.renew", skip_all, fields(owner, renewed = tracing::field::Empty))]
+    async fn renew_leases(&self, owner: &str, lease_until: Timestamp) -> Result<u64, StoreError> {
+        let owner = owner.to_owned();
+        let until = to_pg(lease_until)?;
+        let renewed = self
+            .run(move |mut conn| async move {
+                diesel::update(inbox_rows::table.filter(inbox_rows::lease_owner.eq(owner)))
+                    .set(inbox_rows::lease_until.eq(Some(until)))
+                    .execute(&mut conn)
+                    .await
+            })
+            .await?;
+        tracing::Span::current().record("renewed", renewed);
+        Ok(u64::try_from(renewed).unwrap_or(u64::MAX))
+    }
+
     #[tracing::instrument(level = "debug", name = "postgres.release", skip_all, fields(owner, released = tracing::field::Empty))]
     async fn release_leases(&self, owner: Option<&str>) -> Result<u64, StoreError> {
         let owner = owner.map(str::to_owned);

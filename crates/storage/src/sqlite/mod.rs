@@ -428,6 +428,22 @@ impl SqliteStore {
         .await
     }
 
+    #[tracing::instrument(level = "debug", name = "sqlite.renew", skip_all, fields(owner, renewed = tracing::field::Empty))]
+    async fn renew_leases(&self, owner: &str, lease_until: Timestamp) -> Result<u64, StoreError> {
+        let owner = owner.to_owned();
+        let until = lease_until.as_unix_micros();
+        let renewed = self
+            .run(Access::Write, move |mut conn| async move {
+                diesel::update(inbox_rows::table.filter(inbox_rows::lease_owner.eq(owner)))
+                    .set(inbox_rows::lease_until.eq(Some(until)))
+                    .execute(&mut conn)
+                    .await
+            })
+            .await?;
+        tracing::Span::current().record("renewed", renewed);
+        Ok(u64::try_from(renewed).unwrap_or(u64::MAX))
+    }
+
     #[tracing::instrument(level = "debug", name = "sqlite.release", skip_all, fields(owner, released = tracing::field::Empty))]
     async fn release_leases(&self, owner: Option<&str>) -> Result<u64, StoreError> {
         let owner = owner.map(str::to_owned);
