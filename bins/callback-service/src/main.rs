@@ -100,6 +100,7 @@ async fn run(config: Config, metrics: telemetry::metrics::MetricsHandle) -> anyh
             request_timeout: ms(config.upstream.request_timeout_ms),
             connect_timeout: ms(config.upstream.connect_timeout_ms),
             retry_deadline: ms(config.upstream.retry_deadline_ms),
+            max_requests_per_second: config.upstream.max_requests_per_second,
             // Every fetch in flight may hold a connection; keeping as many idle ones means
             // a burst never closes connections only to open them again for the next one.
             max_idle_per_host: config.upstream.max_in_flight,

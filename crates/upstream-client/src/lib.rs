@@ -2,25 +2,42 @@
 //! object, `GET {base_url}/objects/{id}` → `{"id":N,"online":bool}`.
 //!
 //! One [`reqwest::Client`] (and so one keep-alive connection pool) serves every fetch.
-//! Transient failures (connect errors, timeouts, 5xx, 429) are retried with exponential
-//! backoff and jitter until the next attempt could no longer finish within the retry
-//! deadline; everything else is returned at once. See [`UpstreamConfig`].
+//!
+//! Transient failures (connect errors, timeouts, 5xx, 429) are retried in-process with
+//! exponential backoff and jitter, briefly: the first attempt always gets the full
+//! `request_timeout`; a retry is started only while at least [`MIN_RETRY_BUDGET`] is left
+//! before `retry_deadline` (counted from the start of the fetch), and it gets only the
+//! time left, at most `request_timeout`. So a fetch lasts at most
+//! `max(request_timeout, retry_deadline)`, plus the first request's wait for the rate
+//! limiter. Longer outages are the caller's business (the service hands the id back to
+//! its durable retry schedule). Everything else is returned at once. See [`UpstreamConfig`].
+//!
+//! With `max_requests_per_second` set, every request (first attempts and retries, from
+//! every clone of the source) first waits for its slot in one shared schedule; the wait
+//! is not part of the request's timeout, but it is part of the fetch's retry deadline.
 //!
 //! Each fetch runs in an `upstream.fetch` span, and every request carries its trace
 //! context (W3C `traceparent`, B3) when span export is on.
 
+mod rate_limit;
+
+use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::{BackoffBuilder, ExponentialBuilder};
 use domain::{BoxFuture, FetchError, ObjectId, ObjectSource, ObjectStatus};
 use reqwest::{StatusCode, Url, header};
 use serde::Deserialize;
 use tokio::time::Instant;
 
+use crate::rate_limit::RateLimiter;
+
 /// The upstream client's Prometheus series.
 pub mod metrics {
     /// Upstream attempts retried after a transient failure.
     pub const UPSTREAM_RETRIES: &str = "upstream_retries_total";
+    /// Upstream requests that waited for a slot of `max_requests_per_second`.
+    pub const UPSTREAM_RATE_LIMITED: &str = "upstream_rate_limited_total";
 
     /// Describes the upstream client's series to the installed recorder.
     pub fn describe() {
@@ -29,11 +46,22 @@ pub mod metrics {
             ::metrics::Unit::Count,
             "upstream attempts retried after a transient failure (connect error, timeout, 5xx, 429)"
         );
+        ::metrics::describe_counter!(
+            UPSTREAM_RATE_LIMITED,
+            ::metrics::Unit::Count,
+            "upstream requests (first attempts and retries) that had to wait for their slot \
+             under upstream max_requests_per_second"
+        );
     }
 }
 
 /// The largest answer body accepted; anything longer is [`FetchError::Malformed`].
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// The least time that must be left before `retry_deadline`, once the pause before a
+/// retry is over, for the retry to be started (or `request_timeout`, when that is
+/// shorter). Less than this is too short for a useful answer; the fetch gives up instead.
+pub const MIN_RETRY_BUDGET: Duration = Duration::from_millis(100);
 
 /// How much of a malformed body is quoted in the error message.
 const BODY_PREFIX_CHARS: usize = 64;
@@ -43,12 +71,20 @@ const BODY_PREFIX_CHARS: usize = 64;
 pub struct UpstreamConfig {
     /// Where the upstream API lives, e.g. `http://127.0.0.1:9010`; `/objects/{id}` is appended.
     pub base_url: String,
-    /// The bound on one attempt, from connecting until the whole body is read.
+    /// The bound on one attempt, from connecting until the whole body is read. The first
+    /// attempt always gets all of it; a retry gets at most the time left before
+    /// `retry_deadline`. A wait for the rate limiter comes before and is not part of it.
     pub request_timeout: Duration,
     /// The bound on establishing a TCP connection.
     pub connect_timeout: Duration,
-    /// The bound on all attempts for one id together: a retry is started only when it can
-    /// run for its full `request_timeout` before this much time has passed since the first.
+    /// How long after the fetch began in-process retries may go on. A retry is started
+    /// only when, after its pause, at least [`MIN_RETRY_BUDGET`] (or `request_timeout`, if
+    /// shorter) is left before this deadline, and its timeout is the time left, at most
+    /// `request_timeout`; a `Retry-After` that would push the retry past it ends the fetch
+    /// at once. The first attempt is never cut short, so a fetch lasts at most
+    /// `max(request_timeout, retry_deadline)`, plus the first request's rate-limit wait.
+    /// Rate-limit waits count against this deadline: a retry whose slot would come too
+    /// late is not made.
     pub retry_deadline: Duration,
     /// The pause before the first retry; it doubles after each one.
     pub retry_min_delay: Duration,
@@ -56,6 +92,10 @@ pub struct UpstreamConfig {
     pub retry_max_delay: Duration,
     /// How many idle keep-alive connections to the upstream the pool keeps.
     pub max_idle_per_host: usize,
+    /// The most requests per second this source sends, on average, retries included and
+    /// shared by all its clones; 0 = unlimited. Requests are spaced evenly, `1/rate`
+    /// apart, with no burst allowance: a request waits for its slot before it is sent.
+    pub max_requests_per_second: u32,
 }
 
 impl Default for UpstreamConfig {
@@ -65,10 +105,13 @@ impl Default for UpstreamConfig {
             // The upstream answers within 4 s at worst.
             request_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(1),
-            retry_deadline: Duration::from_secs(15),
+            // In-process retries stay short: a blip costs no round trip to the database,
+            // longer failures go back to the caller's durable retry schedule.
+            retry_deadline: Duration::from_secs(2),
             retry_min_delay: Duration::from_millis(100),
             retry_max_delay: Duration::from_secs(2),
             max_idle_per_host: 128,
+            max_requests_per_second: 0,
         }
     }
 }
@@ -106,6 +149,8 @@ pub struct HttpObjectSource {
     request_timeout: Duration,
     retry_deadline: Duration,
     backoff: ExponentialBuilder,
+    /// Spaces the requests of this source and all its clones.
+    limiter: Arc<RateLimiter>,
     /// Counts every retry, in [`metrics::UPSTREAM_RETRIES`].
     retries: ::metrics::Counter,
 }
@@ -158,11 +203,15 @@ impl HttpObjectSource {
             request_timeout: config.request_timeout,
             retry_deadline: config.retry_deadline,
             backoff,
+            limiter: Arc::new(RateLimiter::new(
+                config.max_requests_per_second,
+                ::metrics::counter!(metrics::UPSTREAM_RATE_LIMITED),
+            )),
             retries: ::metrics::counter!(metrics::UPSTREAM_RETRIES),
         })
     }
 
-    /// Fetches `id`, retrying transient failures until the deadline.
+    /// Fetches `id`, retrying transient failures while the retry budget lasts.
     #[tracing::instrument(
         name = "upstream.fetch",
         skip_all,
@@ -170,27 +219,47 @@ impl HttpObjectSource {
     )]
     async fn fetch_with_retries(&self, id: ObjectId) -> Result<ObjectStatus, FetchError> {
         let started = Instant::now();
-        let mut attempts = 0u32;
-        let result = (|| {
-            attempts += 1;
-            self.attempt(id)
-        })
-        .retry(self.backoff)
-        .when(|failure: &Failure| failure.error.is_transient())
-        .adjust(|failure, backoff| {
-            next_delay(
+        // The latest slot of the rate limiter a retry may take and still have its budget.
+        let latest_retry_slot = started
+            + self
+                .retry_deadline
+                .saturating_sub(retry_budget(self.request_timeout));
+        let mut backoff = self.backoff.build();
+        let mut attempts = 1u32;
+        // The first attempt always runs, and for the full timeout.
+        self.limiter.acquire().await;
+        let mut timeout = self.request_timeout;
+        let result = loop {
+            let failure = match self.attempt(id, timeout).await {
+                Ok(status) => break Ok(status),
+                Err(failure) if !failure.error.is_transient() => break Err(failure),
+                Err(failure) => failure,
+            };
+            let Some(delay) = next_delay(
                 started.elapsed(),
-                backoff,
+                backoff.next(),
                 failure.retry_after,
                 self.request_timeout,
                 self.retry_deadline,
-            )
-        })
-        .notify(|failure, delay| {
-            self.retries.increment(1);
+            ) else {
+                break Err(failure);
+            };
             tracing::debug!(error = %failure.error, retry_in = ?delay, "upstream attempt failed; retrying");
-        })
-        .await;
+            tokio::time::sleep(delay).await;
+            if !self.limiter.acquire_by(Some(latest_retry_slot)).await {
+                tracing::debug!("no request slot left before the retry deadline");
+                break Err(failure);
+            }
+            // The time left, measured now that the request is about to be sent.
+            let Some(left) =
+                retry_timeout(started.elapsed(), self.request_timeout, self.retry_deadline)
+            else {
+                break Err(failure);
+            };
+            timeout = left;
+            attempts += 1;
+            self.retries.increment(1);
+        };
         match &result {
             Ok(status) => {
                 tracing::debug!(online = status.online, attempts, "upstream answered");
@@ -202,9 +271,10 @@ impl HttpObjectSource {
         result.map_err(|failure| failure.error)
     }
 
-    /// One request, its answer checked and parsed; it carries the trace context of the
-    /// current (`upstream.fetch`) span, so the upstream can continue the trace.
-    async fn attempt(&self, id: ObjectId) -> Result<ObjectStatus, Failure> {
+    /// One request, bounded by `timeout` from when it is sent until its body is read, its
+    /// answer checked and parsed; it carries the trace context of the current
+    /// (`upstream.fetch`) span, so the upstream can continue the trace.
+    async fn attempt(&self, id: ObjectId, timeout: Duration) -> Result<ObjectStatus, Failure> {
         let url = format!("{}{}", self.objects_prefix, id);
         let mut headers = header::HeaderMap::new();
         headers.insert(
@@ -216,9 +286,11 @@ impl HttpObjectSource {
             .client
             .get(url)
             .headers(headers)
+            // Overrides the client-wide timeout for this request only.
+            .timeout(timeout)
             .send()
             .await
-            .map_err(|err| self.transport_failure(&err))?;
+            .map_err(|err| transport_failure(&err, timeout))?;
         let status = response.status();
         if status != StatusCode::OK {
             let retry_after = match status {
@@ -252,7 +324,7 @@ impl HttpObjectSource {
         while let Some(chunk) = response
             .chunk()
             .await
-            .map_err(|err| self.transport_failure(&err))?
+            .map_err(|err| transport_failure(&err, timeout))?
         {
             if body.len() + chunk.len() > MAX_BODY_BYTES {
                 return Err(Failure::from(FetchError::Malformed(format!(
@@ -263,20 +335,21 @@ impl HttpObjectSource {
         }
         parse_answer(id, &body).map_err(Failure::from)
     }
+}
 
-    /// Maps a reqwest error (while connecting, sending or reading) to a [`FetchError`].
-    fn transport_failure(&self, err: &reqwest::Error) -> Failure {
-        // A connect timeout is a connect error: reporting it as the request timeout would
-        // point the operator at the wrong setting.
-        let error = if err.is_connect() {
-            FetchError::Unreachable(error_chain(err))
-        } else if err.is_timeout() {
-            FetchError::Timeout(self.request_timeout)
-        } else {
-            FetchError::Unreachable(error_chain(err))
-        };
-        Failure::from(error)
-    }
+/// Maps a reqwest error (while connecting, sending or reading) of a request that had
+/// `timeout` to a [`FetchError`].
+fn transport_failure(err: &reqwest::Error, timeout: Duration) -> Failure {
+    // A connect timeout is a connect error: reporting it as the request timeout would
+    // point the operator at the wrong setting.
+    let error = if err.is_connect() {
+        FetchError::Unreachable(error_chain(err))
+    } else if err.is_timeout() {
+        FetchError::Timeout(timeout)
+    } else {
+        FetchError::Unreachable(error_chain(err))
+    };
+    Failure::from(error)
 }
 
 impl ObjectSource for HttpObjectSource {
@@ -301,7 +374,9 @@ impl From<FetchError> for Failure {
     }
 }
 
-/// The pause before the next attempt, or `None` when it could not finish by the deadline.
+/// The pause before the next attempt, or `None` when, after it, less than the retry
+/// budget would be left before the deadline (`elapsed` and `deadline` both count from
+/// the start of the fetch).
 ///
 /// `backoff` is the backoff's proposal (`None` when it is exhausted); a `Retry-After`
 /// longer than it wins.
@@ -314,8 +389,26 @@ fn next_delay(
 ) -> Option<Duration> {
     let backoff = backoff?;
     let delay = retry_after.map_or(backoff, |asked| asked.max(backoff));
-    let next_attempt_ends = elapsed.checked_add(delay)?.checked_add(request_timeout)?;
-    (next_attempt_ends <= deadline).then_some(delay)
+    let left = deadline.checked_sub(elapsed.checked_add(delay)?)?;
+    (left >= retry_budget(request_timeout)).then_some(delay)
+}
+
+/// The least time left before the deadline worth starting a retry for.
+fn retry_budget(request_timeout: Duration) -> Duration {
+    MIN_RETRY_BUDGET.min(request_timeout)
+}
+
+/// The timeout of a retry sent `elapsed` after the fetch began: the time left before the
+/// deadline, at most `request_timeout`; `None` when nothing is left.
+fn retry_timeout(
+    elapsed: Duration,
+    request_timeout: Duration,
+    deadline: Duration,
+) -> Option<Duration> {
+    deadline
+        .checked_sub(elapsed)
+        .filter(|left| !left.is_zero())
+        .map(|left| left.min(request_timeout))
 }
 
 /// Parses a `Retry-After` given in seconds; the HTTP-date form is not honoured.
@@ -416,27 +509,63 @@ mod tests {
     const MS: Duration = Duration::from_millis(1);
 
     #[test]
-    fn a_retry_is_started_only_when_it_can_finish_by_the_deadline() {
-        let timeout = 200 * MS;
-        let deadline = 1000 * MS;
-        // 300 + 100 + 200 = 600 <= 1000
+    fn a_retry_is_started_only_while_its_budget_is_left_before_the_deadline() {
+        let timeout = 5000 * MS;
+        let deadline = 2000 * MS;
+        // After a pause of 100 ms, 2000 - 300 - 100 = 1600 ms are left.
         assert_eq!(
             next_delay(300 * MS, Some(100 * MS), None, timeout, deadline),
             Some(100 * MS)
         );
-        // 700 + 100 + 200 = 1000: exactly at the deadline is still fine.
+        // A request timeout longer than the deadline no longer rules out every retry.
         assert_eq!(
-            next_delay(700 * MS, Some(100 * MS), None, timeout, deadline),
+            next_delay(Duration::ZERO, Some(100 * MS), None, timeout, deadline),
             Some(100 * MS)
         );
+        // Exactly the budget left is still fine...
+        let last = deadline - 100 * MS - MIN_RETRY_BUDGET;
         assert_eq!(
-            next_delay(701 * MS, Some(100 * MS), None, timeout, deadline),
+            next_delay(last, Some(100 * MS), None, timeout, deadline),
+            Some(100 * MS)
+        );
+        // ...a moment later it is not, and past the deadline nothing is.
+        assert_eq!(
+            next_delay(last + MS, Some(100 * MS), None, timeout, deadline),
+            None
+        );
+        assert_eq!(
+            next_delay(deadline + MS, Some(100 * MS), None, timeout, deadline),
             None
         );
         assert_eq!(
             next_delay(Duration::ZERO, None, None, timeout, deadline),
             None
         );
+    }
+
+    #[test]
+    fn the_budget_is_at_most_the_request_timeout() {
+        // With a 50 ms timeout a retry fits in 50 ms, less than MIN_RETRY_BUDGET.
+        let timeout = 50 * MS;
+        let deadline = 1000 * MS;
+        assert_eq!(
+            next_delay(900 * MS, Some(50 * MS), None, timeout, deadline),
+            Some(50 * MS)
+        );
+        assert_eq!(
+            next_delay(901 * MS, Some(50 * MS), None, timeout, deadline),
+            None
+        );
+    }
+
+    #[test]
+    fn a_retry_gets_the_time_left_at_most_the_request_timeout() {
+        let timeout = 5000 * MS;
+        let deadline = 2000 * MS;
+        assert_eq!(retry_timeout(1200 * MS, timeout, deadline), Some(800 * MS));
+        assert_eq!(retry_timeout(100 * MS, 500 * MS, deadline), Some(500 * MS));
+        assert_eq!(retry_timeout(deadline, timeout, deadline), None);
+        assert_eq!(retry_timeout(deadline + MS, timeout, deadline), None);
     }
 
     #[test]
@@ -463,12 +592,23 @@ mod tests {
             ),
             Some(300 * MS)
         );
-        // Asked to wait past the deadline: give up now instead.
+        // Asked to wait past the deadline, or so long that too little would be left:
+        // give up now instead.
         assert_eq!(
             next_delay(
                 Duration::ZERO,
                 Some(100 * MS),
                 Some(60_000 * MS),
+                timeout,
+                deadline
+            ),
+            None
+        );
+        assert_eq!(
+            next_delay(
+                Duration::ZERO,
+                Some(100 * MS),
+                Some(deadline - MS),
                 timeout,
                 deadline
             ),

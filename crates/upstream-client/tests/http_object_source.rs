@@ -7,7 +7,7 @@ use std::time::Duration;
 use domain::{FetchError, ObjectId, ObjectSource, ObjectStatus};
 use support::{FakeUpstream, Reply, refused_base_url};
 use tokio::time::Instant;
-use upstream_client::{HttpObjectSource, MAX_BODY_BYTES, UpstreamConfig};
+use upstream_client::{HttpObjectSource, MAX_BODY_BYTES, MIN_RETRY_BUDGET, UpstreamConfig};
 
 const MS: Duration = Duration::from_millis(1);
 
@@ -25,6 +25,7 @@ fn config(base_url: String) -> UpstreamConfig {
         retry_min_delay: 10 * MS,
         retry_max_delay: 50 * MS,
         max_idle_per_host: 8,
+        max_requests_per_second: 0,
     }
 }
 
@@ -225,23 +226,112 @@ async fn a_slow_upstream_is_retried_then_times_out_by_the_deadline() {
         ..config(upstream.base_url())
     });
     let started = Instant::now();
+    let result = source.fetch(id(4)).await;
+    let elapsed = started.elapsed();
+    // The last attempt had the full timeout or only what was left of the deadline.
+    let Err(FetchError::Timeout(last_timeout)) = result else {
+        panic!("expected a timeout, got {result:?}");
+    };
+    assert!(
+        !last_timeout.is_zero() && last_timeout <= request_timeout,
+        "the last attempt had {last_timeout:?}"
+    );
+    let attempts = upstream.received().len();
+    assert!(attempts >= 3, "only {attempts} attempts");
+    // It kept retrying until too little was left (at most the budget and the longest
+    // jittered pause short of the deadline)...
+    let max_pause = 2 * 50 * MS;
+    assert!(
+        elapsed + MIN_RETRY_BUDGET + max_pause >= deadline,
+        "gave up after {elapsed:?}"
+    );
+    // ...and no attempt ran past the deadline, though each answer would take 5 s.
+    assert!(
+        elapsed < deadline + Duration::from_secs(1),
+        "took {elapsed:?}"
+    );
+    upstream.stop().await;
+}
+
+#[tokio::test]
+async fn a_retry_after_a_slow_first_attempt_gets_only_the_time_left() {
+    let upstream = FakeUpstream::start([]).await;
+    upstream
+        .answer_all_with(Reply::ok(r#"{"id":4,"online":true}"#).delayed(Duration::from_secs(5)));
+    let request_timeout = 1000 * MS;
+    let deadline = 1500 * MS;
+    let source = source(UpstreamConfig {
+        request_timeout,
+        retry_deadline: deadline,
+        ..config(upstream.base_url())
+    });
+    let started = Instant::now();
+    let result = source.fetch(id(4)).await;
+    let elapsed = started.elapsed();
+    let received = upstream.received();
+    assert_eq!(received.len(), 2, "{received:?}");
+    // The first attempt had its full second; the retry came only after it timed out.
+    let gap = received[1].at - received[0].at;
+    assert!(gap >= request_timeout - 50 * MS, "retried after {gap:?}");
+    // The retry had what was left of the deadline, not another full second.
+    let Err(FetchError::Timeout(retry_timeout)) = result else {
+        panic!("expected a timeout, got {result:?}");
+    };
+    assert!(
+        retry_timeout <= deadline - request_timeout,
+        "the retry had {retry_timeout:?}"
+    );
+    assert!(
+        retry_timeout >= MIN_RETRY_BUDGET / 2,
+        "the retry had {retry_timeout:?}"
+    );
+    // So the fetch ended at the deadline, well before a second full timeout would.
+    assert!(elapsed >= deadline, "gave up after {elapsed:?}");
+    assert!(elapsed < 2 * request_timeout, "took {elapsed:?}");
+    upstream.stop().await;
+}
+
+#[tokio::test]
+async fn a_first_attempt_longer_than_the_deadline_gets_its_full_timeout_and_no_retry() {
+    let upstream = FakeUpstream::start([]).await;
+    upstream
+        .answer_all_with(Reply::ok(r#"{"id":4,"online":true}"#).delayed(Duration::from_secs(5)));
+    let request_timeout = 600 * MS;
+    let source = source(UpstreamConfig {
+        request_timeout,
+        retry_deadline: 300 * MS,
+        ..config(upstream.base_url())
+    });
+    let started = Instant::now();
     assert_eq!(
         source.fetch(id(4)).await,
         Err(FetchError::Timeout(request_timeout))
     );
-    let elapsed = started.elapsed();
-    let attempts = upstream.received().len();
-    assert!(attempts >= 3, "only {attempts} attempts");
-    // No attempt is started that could not finish by the deadline (plus scheduling slack).
-    assert!(elapsed <= deadline + 300 * MS, "took {elapsed:?}");
+    assert!(started.elapsed() >= request_timeout);
+    assert_eq!(upstream.received().len(), 1);
+    upstream.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_answer_within_the_request_timeout_is_waited_for_past_the_deadline() {
+    let upstream =
+        FakeUpstream::start([Reply::ok(r#"{"id":4,"online":true}"#).delayed(600 * MS)]).await;
+    let source = source(UpstreamConfig {
+        request_timeout: Duration::from_secs(2),
+        retry_deadline: 300 * MS,
+        ..config(upstream.base_url())
+    });
+    assert!(source.fetch(id(4)).await.is_ok());
+    assert_eq!(upstream.received().len(), 1);
     upstream.stop().await;
 }
 
 #[tokio::test]
 async fn a_refused_connection_is_unreachable_once_the_deadline_passes() {
+    let deadline = 500 * MS;
     let source = source(UpstreamConfig {
         request_timeout: 100 * MS,
-        retry_deadline: 500 * MS,
+        retry_deadline: deadline,
         ..config(refused_base_url().await)
     });
     let started = Instant::now();
@@ -251,9 +341,68 @@ async fn a_refused_connection_is_unreachable_once_the_deadline_passes() {
     };
     assert!(cause.to_lowercase().contains("refused"), "{cause}");
     let elapsed = started.elapsed();
-    // It kept trying for most of the deadline, not just once.
-    assert!(elapsed >= 150 * MS, "gave up after {elapsed:?}");
-    assert!(elapsed <= 800 * MS, "took {elapsed:?}");
+    // It kept trying until too little was left, not just once...
+    let max_pause = 2 * 50 * MS;
+    assert!(
+        elapsed + MIN_RETRY_BUDGET + max_pause >= deadline,
+        "gave up after {elapsed:?}"
+    );
+    // ...and stopped by the deadline.
+    assert!(
+        elapsed < deadline + Duration::from_secs(1),
+        "took {elapsed:?}"
+    );
+}
+
+/// The service's defaults: a request timeout longer than the retry deadline.
+fn service_defaults(base_url: String) -> UpstreamConfig {
+    UpstreamConfig {
+        base_url,
+        request_timeout: Duration::from_secs(5),
+        retry_deadline: Duration::from_secs(2),
+        ..UpstreamConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn with_a_5s_timeout_and_a_2s_deadline_a_dropped_connection_is_retried_several_times() {
+    let upstream = FakeUpstream::start([]).await;
+    upstream.answer_all_with(Reply::Close);
+    let config = service_defaults(upstream.base_url());
+    let deadline = config.retry_deadline;
+    let source = source(config);
+    let started = Instant::now();
+    let result = source.fetch(id(4)).await;
+    let elapsed = started.elapsed();
+    assert!(
+        matches!(result, Err(FetchError::Unreachable(_))),
+        "{result:?}"
+    );
+    // Pauses of 100-200, 200-400, 400-800 ms: at least four attempts fit in 2 s.
+    let attempts = upstream.received().len();
+    assert!(attempts >= 4, "only {attempts} attempts in {elapsed:?}");
+    assert!(elapsed >= 700 * MS, "gave up after {elapsed:?}");
+    assert!(
+        elapsed < deadline + Duration::from_secs(1),
+        "took {elapsed:?}"
+    );
+    upstream.stop().await;
+}
+
+#[tokio::test]
+async fn with_a_5s_timeout_and_a_2s_deadline_a_refused_connection_is_retried_within_2s() {
+    let source = source(service_defaults(refused_base_url().await));
+    let started = Instant::now();
+    let result = source.fetch(id(4)).await;
+    let elapsed = started.elapsed();
+    assert!(
+        matches!(result, Err(FetchError::Unreachable(_))),
+        "{result:?}"
+    );
+    // A refusal comes back at once: only the pauses between retries take time, at least
+    // 100 + 200 + 400 ms before the fourth attempt.
+    assert!(elapsed >= 700 * MS, "gave up after {elapsed:?}");
+    assert!(elapsed < Duration::from_secs(3), "took {elapsed:?}");
 }
 
 #[tokio::test]
@@ -312,5 +461,90 @@ async fn small_error_answers_do_not_cost_the_connection() {
     assert!(source.fetch(id(2)).await.is_ok());
     assert_eq!(upstream.received().len(), 3);
     assert_eq!(upstream.connections(), 1);
+    upstream.stop().await;
+}
+
+#[tokio::test]
+async fn requests_are_spaced_by_the_rate_limit() {
+    let upstream = FakeUpstream::start([]).await;
+    let source = source(UpstreamConfig {
+        max_requests_per_second: 20,
+        ..config(upstream.base_url())
+    });
+    let started = Instant::now();
+    for raw in 0..5 {
+        assert!(source.fetch(id(raw)).await.is_ok());
+    }
+    let received = upstream.received();
+    assert_eq!(received.len(), 5);
+    // Slots 50 ms apart: the fifth request was not sent before 200 ms.
+    let last = received[4].at - started;
+    assert!(last >= 200 * MS, "the fifth request arrived after {last:?}");
+    upstream.stop().await;
+}
+
+#[tokio::test]
+async fn retries_and_clones_share_one_rate_limit() {
+    let upstream = FakeUpstream::start([Reply::status(500, "{}")]).await;
+    let source = source(UpstreamConfig {
+        max_requests_per_second: 10,
+        ..config(upstream.base_url())
+    });
+    let clone = source.clone();
+    let started = Instant::now();
+    // id 1 fails once and is retried; id 2 goes through the clone at the same time.
+    let (first, second) = tokio::join!(source.fetch(id(1)), clone.fetch(id(2)));
+    assert!(first.is_ok(), "{first:?}");
+    assert!(second.is_ok(), "{second:?}");
+    let received = upstream.received();
+    assert_eq!(received.len(), 3, "{received:?}");
+    // Three requests in three slots 100 ms apart, though the backoff alone would have
+    // retried after 10-20 ms.
+    let last = received[2].at - started;
+    assert!(last >= 200 * MS, "the third request arrived after {last:?}");
+    upstream.stop().await;
+}
+
+#[tokio::test]
+async fn the_wait_for_a_slot_is_not_part_of_the_request_timeout() {
+    let upstream = FakeUpstream::start([]).await;
+    let request_timeout = 300 * MS;
+    let source = source(UpstreamConfig {
+        request_timeout,
+        max_requests_per_second: 4,
+        ..config(upstream.base_url())
+    });
+    let started = Instant::now();
+    let fetches: Vec<_> = (0..4)
+        .map(|raw| {
+            let source = source.clone();
+            tokio::spawn(async move { source.fetch(id(raw)).await })
+        })
+        .collect();
+    for fetch in fetches {
+        let result = fetch.await.unwrap();
+        assert!(result.is_ok(), "{result:?}");
+    }
+    // The last one waited 750 ms for its slot, longer than the request timeout, and
+    // still got its answer on the first attempt.
+    assert!(started.elapsed() > request_timeout);
+    assert_eq!(upstream.received().len(), 4);
+    upstream.stop().await;
+}
+
+#[tokio::test]
+async fn a_retry_whose_slot_comes_after_the_deadline_is_not_made() {
+    let upstream = FakeUpstream::start([Reply::status(500, "{}")]).await;
+    let source = source(UpstreamConfig {
+        retry_deadline: 500 * MS,
+        max_requests_per_second: 1,
+        ..config(upstream.base_url())
+    });
+    let started = Instant::now();
+    // The retry's slot would be 1 s after the first request, past the 500 ms deadline.
+    assert_eq!(source.fetch(id(4)).await, Err(FetchError::Status(500)));
+    assert_eq!(upstream.received().len(), 1);
+    // It gave up at once instead of waiting for the slot.
+    assert!(started.elapsed() < Duration::from_secs(1));
     upstream.stop().await;
 }
