@@ -141,7 +141,11 @@ impl Sender {
     }
 
     fn even(&self) -> BTreeSet<i64> {
-        self.accepted.iter().copied().filter(|id| id % 2 == 0).collect()
+        self.accepted
+            .iter()
+            .copied()
+            .filter(|id| id % 2 == 0)
+            .collect()
     }
 }
 
@@ -176,8 +180,10 @@ async fn health(service: &Service) -> anyhow::Result<Value> {
 /// Waits until the breaker of `service` has opened, and checks health says so.
 async fn breaker_opens(service: &Service) -> anyhow::Result<()> {
     eventually(Duration::from_secs(15), POLL, || async {
-        Ok((metric(service, "upstream_breaker_transitions_total", "to=\"open\"").await? >= 1.0)
-            .then_some(()))
+        Ok(
+            (metric(service, "upstream_breaker_transitions_total", "to=\"open\"").await? >= 1.0)
+                .then_some(()),
+        )
     })
     .await
     .context("the breaker never opened while the upstream was down")?;
@@ -203,9 +209,7 @@ async fn everything_settles(service: &Service, sender: &Sender) -> anyhow::Resul
     })
     .await
     .with_context(|| {
-        format!(
-            "not every even accepted id was stored within {settle:?} of the upstream's return"
-        )
+        format!("not every even accepted id was stored within {settle:?} of the upstream's return")
     })?;
     println!(
         "every one of {} even accepted ids stored {:.1?} after the upstream came back",
@@ -218,10 +222,17 @@ async fn everything_settles(service: &Service, sender: &Sender) -> anyhow::Resul
         .await?
         .json()
         .await?;
-    ensure!(failures["failures"] == json!([]), "dead letters: {failures}");
+    ensure!(
+        failures["failures"] == json!([]),
+        "dead letters: {failures}"
+    );
     eventually(Duration::from_secs(10), POLL, || async {
-        let closed =
-            metric(service, "upstream_breaker_transitions_total", "to=\"closed\"").await?;
+        let closed = metric(
+            service,
+            "upstream_breaker_transitions_total",
+            "to=\"closed\"",
+        )
+        .await?;
         let state = metric(service, "upstream_breaker_state", "").await?;
         let pending = health(service).await?["pipeline"]["pending_ids"].clone();
         Ok((closed >= 1.0 && state == 0.0 && pending == 0).then_some(()))
