@@ -278,6 +278,13 @@ async fn sigterm_with_work_in_flight_finishes_it_and_exits_0(
     let ids: Vec<i64> = (100..140).collect();
     let (status, _) = post_callback(&service, &json!({ "object_ids": ids })).await?;
     assert_eq!(status, 202);
+    // Until the fetches start the ids merely wait in the inbox (a SIGTERM then leaves them
+    // there for the next run): wait for them to be in flight, as the case is about.
+    eventually(WAIT, Duration::from_millis(5), || async {
+        let (_, health) = get_json(&service.url("/")).await?;
+        Ok((health["pipeline"]["fetches_started"].as_u64() >= Some(40)).then_some(()))
+    })
+    .await?;
     service.process.signal("TERM")?;
     let exit = service.process.wait(WAIT).await?;
     assert_eq!(
