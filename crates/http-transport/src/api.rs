@@ -14,12 +14,8 @@ use crate::HttpConfig;
 use crate::callback::post_callback;
 use crate::error::ApiError;
 use crate::json::{ObjectJson, StatsJson, json_response};
-use crate::router::{HandlerResult, PathParams, Router, echo};
+use crate::router::{HandlerResult, PathParams, Router, echo, page_limit};
 
-/// How many objects `GET /objects` returns when `limit` is not given.
-const DEFAULT_PAGE: usize = 1_000;
-/// The largest `limit` `GET /objects` accepts.
-const MAX_PAGE: usize = 10_000;
 /// How long clients are told to wait when the health check fails.
 const HEALTH_RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -156,19 +152,7 @@ impl PageQuery {
                     .map_err(|err| ApiError::InvalidQuery(format!("query parameter `after` {err}")))
             })
             .transpose()?;
-        let limit = match limit {
-            None => DEFAULT_PAGE,
-            Some(raw) => raw
-                .parse::<usize>()
-                .ok()
-                .filter(|n| (1..=MAX_PAGE).contains(n))
-                .ok_or_else(|| {
-                    ApiError::InvalidQuery(format!(
-                        "query parameter `limit` must be an integer from 1 to {MAX_PAGE}, got {:?}",
-                        echo(raw)
-                    ))
-                })?,
-        };
+        let limit = page_limit(limit)?;
         Ok(Self { after, limit })
     }
 }
@@ -234,9 +218,9 @@ mod tests {
     fn defaults_and_valid_values() {
         assert_eq!(
             PageQuery::parse(None).map(|p| (p.after, p.limit)),
-            Ok((None, DEFAULT_PAGE))
+            Ok((None, crate::router::DEFAULT_PAGE))
         );
-        assert_eq!(query(""), Ok((None, DEFAULT_PAGE)));
+        assert_eq!(query(""), Ok((None, crate::router::DEFAULT_PAGE)));
         assert_eq!(query("after=0&limit=1"), Ok((Some(0), 1)));
         assert_eq!(query("limit=10000&x=y&&after=5"), Ok((Some(5), 10_000)));
     }

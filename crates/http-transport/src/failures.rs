@@ -19,12 +19,8 @@ use serde::{Deserialize, Serialize};
 use crate::admin::AdminState;
 use crate::error::ApiError;
 use crate::json::{FailureJson, json_response};
-use crate::router::{HandlerResult, PathParams, echo};
+use crate::router::{HandlerResult, PathParams, echo, page_limit};
 
-/// How many dead letters one page lists unless `limit` says otherwise.
-const DEFAULT_PAGE: usize = 1_000;
-/// The most dead letters one page lists.
-const MAX_PAGE: usize = 10_000;
 /// The most ids one selector names (each is a bind parameter on SQLite).
 const MAX_SELECTED_IDS: usize = 10_000;
 /// The largest selector body read.
@@ -139,14 +135,7 @@ fn parse_query(query: Option<&str>) -> Result<FailureQuery, ApiError> {
                 .map_err(|_| bad("after", "the `next_after` of the previous page", raw))
         })
         .transpose()?;
-    let limit = match limit {
-        None => DEFAULT_PAGE,
-        Some(raw) => raw
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=MAX_PAGE).contains(n))
-            .ok_or_else(|| bad("limit", &format!("an integer from 1 to {MAX_PAGE}"), raw))?,
-    };
+    let limit = page_limit(limit)?;
     Ok(FailureQuery {
         filter: FailureFilter {
             ids,
@@ -282,7 +271,7 @@ mod tests {
         assert_eq!(
             parse_query(None).unwrap(),
             FailureQuery {
-                limit: DEFAULT_PAGE,
+                limit: crate::router::DEFAULT_PAGE,
                 ..FailureQuery::default()
             }
         );

@@ -275,6 +275,29 @@ impl std::fmt::Display for SpanName {
 }
 
 /// `text`, cut to a length that is safe to echo back to the client.
+/// How many items a paginated listing (`GET /objects`, `GET /failures`) returns unless
+/// `limit` says otherwise.
+pub(crate) const DEFAULT_PAGE: usize = 1_000;
+/// The largest `limit` a paginated listing accepts.
+pub(crate) const MAX_PAGE: usize = 10_000;
+
+/// The `limit` query parameter of a paginated listing: [`DEFAULT_PAGE`] when absent, else
+/// an integer from 1 to [`MAX_PAGE`].
+pub(crate) fn page_limit(raw: Option<&str>) -> Result<usize, ApiError> {
+    let Some(raw) = raw else {
+        return Ok(DEFAULT_PAGE);
+    };
+    raw.parse::<usize>()
+        .ok()
+        .filter(|n| (1..=MAX_PAGE).contains(n))
+        .ok_or_else(|| {
+            ApiError::InvalidQuery(format!(
+                "query parameter `limit` must be an integer from 1 to {MAX_PAGE}, got {:?}",
+                echo(raw)
+            ))
+        })
+}
+
 pub(crate) fn echo(text: &str) -> String {
     match text.char_indices().nth(ECHO_MAX) {
         Some((cut, _)) => format!("{}…", &text[..cut]),
