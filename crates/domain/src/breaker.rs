@@ -13,6 +13,7 @@
 //! one probe per cool-down, each with the client's retries, however long the outage.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -107,6 +108,9 @@ struct Inner {
 #[derive(Debug)]
 pub(crate) struct Breaker {
     config: BreakerConfig,
+    /// Closed with no failure counted: an answer then changes nothing, and is noted
+    /// without taking the lock (the hot path of a healthy upstream).
+    quiet: AtomicBool,
     inner: Mutex<Inner>,
 }
 
@@ -115,6 +119,7 @@ impl Breaker {
         ::metrics::gauge!(metrics::UPSTREAM_BREAKER_STATE).set(BreakerState::Closed.gauge());
         Self {
             config,
+            quiet: AtomicBool::new(true),
             inner: Mutex::new(Inner {
                 state: State::Closed,
                 consecutive: 0,
@@ -158,9 +163,13 @@ impl Breaker {
     /// transient failure. Returns whether the breaker closed, so the dispatcher can be
     /// woken to claim again.
     pub(crate) fn record(&self, answered: bool, now: Instant) -> bool {
+        if answered && self.quiet.load(Ordering::Acquire) {
+            return false;
+        }
         let mut inner = self.lock();
         if answered {
             inner.consecutive = 0;
+            self.quiet.store(true, Ordering::Release);
             if matches!(inner.state, State::Closed) {
                 return false;
             }
@@ -171,6 +180,7 @@ impl Breaker {
             );
             return true;
         }
+        self.quiet.store(false, Ordering::Release);
         inner.consecutive = inner.consecutive.saturating_add(1);
         let opens = match inner.state {
             State::Closed => self.config.failures > 0 && inner.consecutive >= self.config.failures,
