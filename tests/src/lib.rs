@@ -545,6 +545,24 @@ pub fn http() -> reqwest::Client {
         .expect("http client")
 }
 
+/// Runs `test` within `deadline` (a hang fails the test instead of stalling the run), and
+/// says on stderr how long it took.
+pub async fn bounded(
+    deadline: Duration,
+    test: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let started = tokio::time::Instant::now();
+    let result = tokio::time::timeout(deadline, test)
+        .await
+        .map_err(|_| anyhow::anyhow!("the test did not finish within {deadline:?}"));
+    eprintln!(
+        "{} took {:.1?}",
+        std::thread::current().name().unwrap_or("a test"),
+        started.elapsed()
+    );
+    result?
+}
+
 /// Polls `check` until it returns `Some`, or fails after `deadline`.
 pub async fn eventually<T, F, Fut>(
     deadline: Duration,

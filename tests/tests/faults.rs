@@ -62,16 +62,7 @@ fn settings<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
 
 /// Runs `test` within [`TEST_DEADLINE`], and says how long it took.
 async fn bounded(test: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
-    let started = Instant::now();
-    let result = tokio::time::timeout(TEST_DEADLINE, test)
-        .await
-        .map_err(|_| anyhow!("the test did not finish within {TEST_DEADLINE:?}"));
-    eprintln!(
-        "{} took {:.1?}",
-        std::thread::current().name().unwrap_or("a test"),
-        started.elapsed()
-    );
-    result?
+    tests::bounded(TEST_DEADLINE, test).await
 }
 
 // ---------------------------------------------------------------------------------------

@@ -1,24 +1,39 @@
 //! `docs/openapi.json` against the code and the running service.
 //!
-//! - The documented routes are the routes `http-transport`'s public router declares.
+//! - The document's servers are the two listeners, the public API and the admin listener,
+//!   at the ports `http.listen` and `admin.listen` default to; a path with its own
+//!   `servers` naming the admin listener is the admin listener's, every other path the
+//!   API's.
+//! - The documented routes of each listener are the routes its router declares
+//!   (`http-transport`'s `api.rs` and `admin.rs`).
 //! - The error codes of the document, of README.md's table and of
 //!   `crates/http-transport/src/error.rs` are the same, with the same statuses.
 //! - Every example in the document matches its schema.
-//! - Against the real `callback-service` (SQLite, client-service's simulator as upstream):
-//!   every request example is sent and gets the status it documents (`x-status`, and
-//!   `x-error` for the code) with a body that matches the documented schema; a documented
-//!   path asked with another method answers `405` with the documented methods in `Allow`;
-//!   undocumented paths answer `404`; a body that is not JSON, not declared as JSON or over
-//!   the id limit gets the documented `400`, `415` and `413`.
+//! - Against the real `callback-service` (SQLite, an upstream with client-service's
+//!   contract that answers `404` about [`DEAD_IDS`], so the admin listener has dead letters
+//!   to list, replay and purge), each path on its own listener: every request example is
+//!   sent and gets the status it documents (`x-status`, and `x-error` for the code) with a
+//!   body of a documented media type that matches the documented schema and has the
+//!   fields of a documented example; a documented path asked with another method answers
+//!   `405` with the documented methods in `Allow`; undocumented paths, and the paths of
+//!   the other listener, answer `404`; a body that cannot be an example (not JSON, not
+//!   declared as JSON, over the id limit) gets the documented `400`, `415` or `413`.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
-use serde_json::{Value, json};
+use figment::Figment;
+use figment::providers::{Format, Toml};
+use serde_json::{Map, Value, json};
 use tests::{
-    Backend, Service, Upstream, eventually, http, parse_rfc3339_micros, read_workspace_file,
+    Backend, Service, eventually, http, parse_rfc3339_micros, read_workspace_file, workspace_file,
 };
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
 
 const WAIT: Duration = Duration::from_secs(20);
 const POLL: Duration = Duration::from_millis(20);
@@ -34,6 +49,66 @@ const PROBED_METHODS: &[&str] = &["get", "post", "put", "patch", "delete"];
 /// A `http.max_ids` small enough to exceed cheaply.
 const MAX_IDS: usize = 50;
 
+/// The most ids a dead-letter selector may name (`failures.rs`).
+const MAX_SELECTED_IDS: usize = 10_000;
+
+/// The ids the test's upstream answers `404` about: each is a dead letter at its first
+/// fetch (a 404 is permanent). The admin examples name them.
+const DEAD_IDS: [i64; 4] = [100, 101, 102, 103];
+
+/// Which of the service's two listeners serves a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Listener {
+    /// The public API (`http.listen`).
+    Api,
+    /// The admin listener (`admin.listen`).
+    Admin,
+}
+
+impl Listener {
+    /// The listener a top-level server's `x-listener` names.
+    fn named(name: &str) -> Option<Self> {
+        match name {
+            "api" => Some(Self::Api),
+            "admin" => Some(Self::Admin),
+            _ => None,
+        }
+    }
+
+    /// The configuration key of its address.
+    fn config_key(self) -> &'static str {
+        match self {
+            Self::Api => "http.listen",
+            Self::Admin => "admin.listen",
+        }
+    }
+
+    /// The source file of its router.
+    fn router_file(self) -> &'static str {
+        match self {
+            Self::Api => "crates/http-transport/src/api.rs",
+            Self::Admin => "crates/http-transport/src/admin.rs",
+        }
+    }
+
+    /// `target` (path and query) on this listener of `service`.
+    fn url(self, service: &Service, target: &str) -> String {
+        match self {
+            Self::Api => service.url(target),
+            Self::Admin => service.admin_url(target),
+        }
+    }
+}
+
+impl fmt::Display for Listener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Api => "API",
+            Self::Admin => "admin",
+        })
+    }
+}
+
 /// The document, with `$ref`s followed on demand.
 struct Document {
     root: Value,
@@ -44,6 +119,8 @@ struct Operation<'d> {
     path: &'d str,
     method: &'d str,
     op: &'d Value,
+    /// The listener that serves its path.
+    listener: Listener,
 }
 
 impl Document {
@@ -70,19 +147,75 @@ impl Document {
         bail!("$ref chain too long")
     }
 
+    /// The top-level servers by url, each with the listener its `x-listener` names; one
+    /// server per listener.
+    fn servers(&self) -> anyhow::Result<BTreeMap<&str, (Listener, &Value)>> {
+        let servers = self.root["servers"]
+            .as_array()
+            .context("the document has no servers")?;
+        let mut found = BTreeMap::new();
+        for server in servers {
+            let url = server["url"].as_str().context("a server without url")?;
+            let listener = server["x-listener"]
+                .as_str()
+                .and_then(Listener::named)
+                .with_context(|| format!("server {url}: x-listener is not `api` or `admin`"))?;
+            ensure!(
+                found.insert(url, (listener, server)).is_none(),
+                "server {url} is listed twice"
+            );
+        }
+        let listeners: Vec<Listener> = found.values().map(|(l, _)| *l).collect();
+        ensure!(
+            listeners.len() == 2
+                && listeners.contains(&Listener::Api)
+                && listeners.contains(&Listener::Admin),
+            "the servers must be one API listener and one admin listener, got {listeners:?}"
+        );
+        Ok(found)
+    }
+
+    /// The listener of a path item: the one its own `servers` name, else the API.
+    fn listener_of(&self, path: &str, item: &Value) -> anyhow::Result<Listener> {
+        let Some(own) = item.get("servers") else {
+            return Ok(Listener::Api);
+        };
+        let servers = self.servers()?;
+        let mut listeners = BTreeSet::new();
+        for server in own.as_array().into_iter().flatten() {
+            let url = server["url"].as_str().unwrap_or_default();
+            let (listener, _) = servers.get(url).with_context(|| {
+                format!("{path}: its server {url:?} is none of the document's servers")
+            })?;
+            listeners.insert(*listener);
+        }
+        ensure!(
+            listeners.len() == 1,
+            "{path}: its servers must name one listener, got {listeners:?}"
+        );
+        Ok(listeners.into_iter().next().unwrap_or(Listener::Api))
+    }
+
     fn operations(&self) -> anyhow::Result<Vec<Operation<'_>>> {
         let paths = self.root["paths"]
             .as_object()
             .context("the document has no paths")?;
         let mut found = Vec::new();
         for (path, item) in paths {
+            let listener = self.listener_of(path, item)?;
             let item = item.as_object().context("a path item is an object")?;
             for (method, op) in item {
                 if METHODS.contains(&method.as_str()) {
-                    found.push(Operation { path, method, op });
+                    found.push(Operation {
+                        path,
+                        method,
+                        op,
+                        listener,
+                    });
                 } else {
                     ensure!(
-                        method == "parameters" || method == "summary" || method == "description",
+                        ["parameters", "summary", "description", "servers"]
+                            .contains(&method.as_str()),
                         "{path}: unexpected key {method}"
                     );
                 }
@@ -123,14 +256,6 @@ impl Document {
                 Ok((status, self.resolve(response)?))
             })
             .collect()
-    }
-
-    /// The JSON schema of a response, if it has JSON content.
-    fn response_schema<'d>(&'d self, response: &'d Value) -> Option<&'d Value> {
-        response
-            .get("content")?
-            .get("application/json")?
-            .get("schema")
     }
 
     /// Checks `value` against `schema`; every problem is pushed to `errors` with its place.
@@ -231,8 +356,16 @@ impl Document {
                         }
                     }
                 }
+                "maxItems" => {
+                    if let (Some(most), Value::Array(items)) = (expected.as_u64(), value)
+                        && items.len() as u64 > most
+                    {
+                        errors.push(format!("{at}: {} items, at most {most}", items.len()));
+                    }
+                }
                 // Annotations: nothing to check.
-                "description" | "title" | "default" | "example" | "examples" => {}
+                "description" | "title" | "default" | "example" | "examples"
+                | "contentMediaType" => {}
                 other if other.starts_with("x-") => {}
                 other => errors.push(format!(
                     "{at}: schema keyword `{other}` is not checked by this test; teach it or drop it"
@@ -247,6 +380,42 @@ impl Document {
         self.check(schema, value, at, &mut errors);
         ensure!(errors.is_empty(), "{}", errors.join("\n"));
         Ok(())
+    }
+}
+
+/// The examples of a media type object: its `example` and the values of its `examples`.
+fn media_examples(media: &Value) -> Vec<&Value> {
+    let mut found: Vec<&Value> = media.get("example").into_iter().collect();
+    for example in media["examples"].as_object().into_iter().flatten() {
+        found.push(&example.1["value"]);
+    }
+    found
+}
+
+/// How `answer`'s fields differ from `example`'s, object by object (arrays by their first
+/// elements, when both have one); the values themselves are the schema's business.
+fn field_differences(example: &Value, answer: &Value, at: &str, found: &mut Vec<String>) {
+    match (example, answer) {
+        (Value::Object(documented), Value::Object(real)) => {
+            let documented_keys: BTreeSet<&String> = documented.keys().collect();
+            let real_keys: BTreeSet<&String> = real.keys().collect();
+            if documented_keys != real_keys {
+                found.push(format!(
+                    "{at}: the example has the fields {documented_keys:?}, the answer {real_keys:?}"
+                ));
+            }
+            for (name, value) in documented {
+                if let Some(real) = real.get(name) {
+                    field_differences(value, real, &format!("{at}.{name}"), found);
+                }
+            }
+        }
+        (Value::Array(documented), Value::Array(real)) => {
+            if let (Some(documented), Some(real)) = (documented.first(), real.first()) {
+                field_differences(documented, real, &format!("{at}[0]"), found);
+            }
+        }
+        _ => {}
     }
 }
 
@@ -326,39 +495,95 @@ fn codes_in_readme() -> anyhow::Result<BTreeMap<String, u16>> {
     Ok(codes)
 }
 
-/// The `(METHOD, "/path")` routes of the public router in `http-transport`'s `api.rs`.
-fn routes_in_api_rs() -> anyhow::Result<BTreeSet<(String, String)>> {
-    let source = read_workspace_file("crates/http-transport/src/api.rs")?;
+/// The `(METHOD, "/path")` routes of the router of `listener` (`api.rs` or `admin.rs`).
+fn routes_of(listener: Listener) -> anyhow::Result<BTreeSet<(String, String)>> {
+    let file = listener.router_file();
+    let source = read_workspace_file(file)?;
     let mut routes = BTreeSet::new();
     for piece in source.split(".route(Method::").skip(1) {
         let (method, rest) = piece
             .split_once(',')
-            .context("api.rs: .route(Method::X, \"/path\", handler)")?;
+            .with_context(|| format!("{file}: .route(Method::X, \"/path\", handler)"))?;
         let path = rest
             .trim_start()
             .strip_prefix('"')
             .and_then(|r| r.split_once('"'))
             .map(|(path, _)| path)
-            .context("api.rs: the route's path is a string literal")?;
+            .with_context(|| format!("{file}: the route's path is a string literal"))?;
         routes.insert((method.trim().to_lowercase(), path.to_owned()));
     }
-    ensure!(!routes.is_empty(), "no .route(Method::…) found in api.rs");
+    ensure!(!routes.is_empty(), "no .route(Method::…) found in {file}");
     Ok(routes)
 }
 
 #[test]
-fn the_documented_routes_are_the_routes_of_the_public_router() -> anyhow::Result<()> {
+fn the_documented_routes_of_each_listener_are_the_routes_of_its_router() -> anyhow::Result<()> {
     let doc = Document::load()?;
-    let documented: BTreeSet<(String, String)> = doc
-        .operations()?
-        .iter()
-        .map(|o| (o.method.to_owned(), o.path.to_owned()))
-        .collect();
-    let real = routes_in_api_rs()?;
-    assert_eq!(
-        documented, real,
-        "docs/openapi.json (left) and the router in crates/http-transport/src/api.rs (right) disagree"
-    );
+    let operations = doc.operations()?;
+    for listener in [Listener::Api, Listener::Admin] {
+        let documented: BTreeSet<(String, String)> = operations
+            .iter()
+            .filter(|o| o.listener == listener)
+            .map(|o| (o.method.to_owned(), o.path.to_owned()))
+            .collect();
+        let real = routes_of(listener)?;
+        assert_eq!(
+            documented,
+            real,
+            "the {listener} listener: docs/openapi.json (left) and the router in {} (right) disagree",
+            listener.router_file()
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn the_servers_are_the_listeners_at_their_default_addresses() -> anyhow::Result<()> {
+    let doc = Document::load()?;
+    let config = Figment::from(Toml::file_exact(workspace_file("config/default.toml")));
+    let configuration = read_workspace_file("docs/configuration.md")?;
+    let servers = doc.servers()?;
+    for listener in [Listener::Api, Listener::Admin] {
+        let key = listener.config_key();
+        let (url, server) = servers
+            .iter()
+            .find(|(_, (l, _))| *l == listener)
+            .map(|(url, (_, server))| (*url, *server))
+            .with_context(|| format!("no {listener} server"))?;
+        let default: String = config
+            .extract_inner(key)
+            .with_context(|| format!("config/default.toml has no {key}"))?;
+        let port = default
+            .parse::<SocketAddr>()
+            .with_context(|| format!("{key} = {default:?} is not an address"))?
+            .port();
+        let served = url
+            .strip_prefix("http://")
+            .and_then(|rest| rest.parse::<SocketAddr>().ok())
+            .with_context(|| format!("server {url}: not http://<ip>:<port>"))?;
+        ensure!(
+            served.port() == port,
+            "server {url}: the {listener} listener's {key} defaults to {default}"
+        );
+        let description = server["description"].as_str().unwrap_or_default();
+        ensure!(
+            description.contains(&format!("`{key}`")),
+            "server {url}: its description must name its configuration key `{key}`: {description:?}"
+        );
+        ensure!(
+            configuration.contains(&format!("| `{key}` |")),
+            "docs/configuration.md does not list `{key}`, which server {url} names"
+        );
+    }
+    // Only the admin listener's paths say which server they are on.
+    for (path, item) in doc.root["paths"].as_object().into_iter().flatten() {
+        if item.get("servers").is_some() {
+            ensure!(
+                doc.listener_of(path, item)? == Listener::Admin,
+                "{path}: a path of the API listener needs no servers of its own"
+            );
+        }
+    }
     Ok(())
 }
 
@@ -416,28 +641,64 @@ fn every_example_matches_its_schema_and_names_a_documented_status() -> anyhow::R
         let at = format!("{} {}", operation.method.to_uppercase(), operation.path);
         let responses = doc.responses(operation.op)?;
         for (status, response) in &responses {
-            let content = &response["content"]["application/json"];
-            let schema = doc
-                .response_schema(response)
-                .with_context(|| format!("{at} {status}: no application/json schema"))?;
-            let mut examples: Vec<&Value> = Vec::new();
-            if let Some(example) = content.get("example") {
-                examples.push(example);
+            let content = response["content"]
+                .as_object()
+                .filter(|c| !c.is_empty())
+                .with_context(|| format!("{at} {status}: no content"))?;
+            ensure!(
+                *status < 400 || content.keys().eq(["application/json"]),
+                "{at} {status}: an error is application/json only"
+            );
+            for (media_type, media) in content {
+                let at = format!("{at} {status} {media_type}");
+                let schema = media
+                    .get("schema")
+                    .with_context(|| format!("{at}: no schema"))?;
+                let examples = media_examples(media);
+                match media_type.as_str() {
+                    "application/json" | "text/plain" => {
+                        ensure!(!examples.is_empty(), "{at}: no example");
+                    }
+                    // Binary: no example to write down.
+                    "application/octet-stream" | "image/svg+xml" => {}
+                    other => bail!("{at}: media type {other} is not checked by this test"),
+                }
+                for example in examples {
+                    doc.validate(schema, example, &format!("{at} example"))?;
+                    if let Some(code) = example.get("error").and_then(Value::as_str) {
+                        ensure!(
+                            codes.get(code) == Some(status),
+                            "{at}: example code `{code}` belongs to status {:?}",
+                            codes.get(code)
+                        );
+                    }
+                    checked += 1;
+                }
             }
-            for example in content["examples"].as_object().into_iter().flatten() {
-                examples.push(&example.1["value"]);
-            }
-            ensure!(!examples.is_empty(), "{at} {status}: no example");
-            for example in examples {
-                doc.validate(schema, example, &format!("{at} {status} example"))?;
-                if let Some(code) = example.get("error").and_then(Value::as_str) {
+        }
+        let parameters: Vec<&Value> = operation.op["parameters"]
+            .as_array()
+            .map(|p| p.iter().collect())
+            .unwrap_or_default();
+        let names: BTreeSet<&str> = parameters
+            .iter()
+            .filter_map(|p| p["name"].as_str())
+            .collect();
+        for param in &parameters {
+            let param_name = param["name"].as_str().unwrap_or("?");
+            for (name, example) in param["examples"].as_object().into_iter().flatten() {
+                let Some(with) = example.get("x-with") else {
+                    continue;
+                };
+                let with = with.as_object().with_context(|| {
+                    format!("{at} {param_name} example {name}: x-with is an object")
+                })?;
+                for other in with.keys() {
                     ensure!(
-                        codes.get(code) == Some(status),
-                        "{at} {status}: example code `{code}` belongs to status {:?}",
-                        codes.get(code)
+                        other != param_name && names.contains(other.as_str()),
+                        "{at} {param_name} example {name}: x-with names `{other}`, not another parameter"
                     );
                 }
-                checked += 1;
             }
         }
         let body_schema = &operation.op["requestBody"]["content"]["application/json"]["schema"];
@@ -490,8 +751,9 @@ fn url_text(value: &Value) -> String {
 }
 
 /// The request examples of `operation` as requests: each example varies one parameter
-/// (or the body); path parameters not varied take their first example, optional query
-/// parameters not varied are left out.
+/// (or the body); the parameters its `x-with` names take the values it gives them, path
+/// parameters not varied their first example, optional query parameters not varied are
+/// left out.
 fn cases(operation: &Operation<'_>) -> anyhow::Result<Vec<Case>> {
     let method = reqwest::Method::from_bytes(operation.method.to_uppercase().as_bytes())?;
     let parameters: Vec<&Value> = operation.op["parameters"]
@@ -505,13 +767,16 @@ fn cases(operation: &Operation<'_>) -> anyhow::Result<Vec<Case>> {
         let (_, first) = examples.iter().next().context("no example")?;
         Ok(url_text(&first["value"]))
     };
-    let target = |varied: Option<(&str, &Value)>| -> anyhow::Result<String> {
+    let target = |varied: Option<(&str, &Value)>,
+                  with: Option<&Map<String, Value>>|
+     -> anyhow::Result<String> {
         let mut path = operation.path.to_owned();
         let mut query = Vec::new();
         for param in &parameters {
             let name = param["name"].as_str().context("parameter name")?;
-            let value = match varied {
-                Some((varied_name, value)) if varied_name == name => Some(url_text(value)),
+            let value = match (varied, with.and_then(|w| w.get(name))) {
+                (Some((varied_name, value)), _) if varied_name == name => Some(url_text(value)),
+                (_, Some(value)) => Some(url_text(value)),
                 _ if param["in"] == "path" => Some(first_example(param)?),
                 _ => None,
             };
@@ -544,7 +809,7 @@ fn cases(operation: &Operation<'_>) -> anyhow::Result<Vec<Case>> {
         found.push(Case {
             name: format!("requestBody example {name}"),
             method: method.clone(),
-            target: target(None)?,
+            target: target(None, None)?,
             body: Some(("application/json".to_owned(), example["value"].to_string())),
             status,
             error,
@@ -557,7 +822,10 @@ fn cases(operation: &Operation<'_>) -> anyhow::Result<Vec<Case>> {
             found.push(Case {
                 name: format!("parameter {param_name} example {name}"),
                 method: method.clone(),
-                target: target(Some((param_name, &example["value"])))?,
+                target: target(
+                    Some((param_name, &example["value"])),
+                    example.get("x-with").and_then(Value::as_object),
+                )?,
                 body: None,
                 status,
                 error,
@@ -572,41 +840,74 @@ fn cases(operation: &Operation<'_>) -> anyhow::Result<Vec<Case>> {
 struct Answer {
     status: u16,
     headers: reqwest::header::HeaderMap,
+    /// The media type of the body, without parameters (`text/plain`, not
+    /// `text/plain; version=0.0.4`).
+    media_type: String,
+    /// The body, parsed, when it is JSON; `null` otherwise.
     body: Value,
+    bytes: Vec<u8>,
+}
+
+impl fmt::Display for Answer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.media_type == "application/json" {
+            write!(f, "{} {}", self.status, self.body)
+        } else {
+            let media_type = &self.media_type;
+            write!(
+                f,
+                "{} ({} bytes of {media_type})",
+                self.status,
+                self.bytes.len()
+            )
+        }
+    }
 }
 
 async fn send(
     service: &Service,
+    listener: Listener,
     method: reqwest::Method,
     target: &str,
     body: Option<(&str, String)>,
 ) -> anyhow::Result<Answer> {
-    let mut request = http().request(method, service.url(target));
+    let mut request = http().request(method, listener.url(service, target));
     if let Some((content_type, body)) = body {
         request = request.header("content-type", content_type).body(body);
     }
     let response = request.send().await?;
     let status = response.status().as_u16();
     let headers = response.headers().clone();
-    let text = response.text().await?;
-    let content_type = headers
+    let bytes = response.bytes().await?.to_vec();
+    let media_type = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    ensure!(
-        content_type == "application/json",
-        "{target}: answered {status} with content-type {content_type:?}: {text}"
-    );
-    let body = serde_json::from_str(&text)
-        .with_context(|| format!("{target}: answered {status} with a body that is not JSON"))?;
+        .unwrap_or_default()
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let body = if media_type == "application/json" {
+        serde_json::from_slice(&bytes).with_context(|| {
+            format!("{target}: answered {status} with a JSON body that is not JSON")
+        })?
+    } else {
+        Value::Null
+    };
     Ok(Answer {
         status,
         headers,
+        media_type,
         body,
+        bytes,
     })
 }
 
-/// Checks an answer against the documented response of its status.
+/// Checks an answer against the documented response of its status: a documented media
+/// type; for JSON, the schema and the fields of one of the examples; for the Prometheus
+/// text, every metric family the example declares; for binary types, what the bytes
+/// start with.
 fn check_answer(
     doc: &Document,
     responses: &BTreeMap<u16, &Value>,
@@ -615,16 +916,63 @@ fn check_answer(
 ) -> anyhow::Result<()> {
     let response = responses.get(&answer.status).with_context(|| {
         format!(
-            "{at}: answered {}, which is not documented ({:?} are): {}",
-            answer.status,
+            "{at}: answered {answer}, a status that is not documented ({:?} are)",
             responses.keys().collect::<Vec<_>>(),
-            answer.body
         )
     })?;
-    let schema = doc
-        .response_schema(response)
-        .with_context(|| format!("{at}: no schema for {}", answer.status))?;
-    doc.validate(schema, &answer.body, at)?;
+    let content = &response["content"];
+    let media = content.get(&answer.media_type).with_context(|| {
+        format!(
+            "{at}: answered {} as {:?}, the document has {:?}",
+            answer.status,
+            answer.media_type,
+            content.as_object().map(|c| c.keys().collect::<Vec<_>>())
+        )
+    })?;
+    let schema = &media["schema"];
+    match answer.media_type.as_str() {
+        "application/json" => {
+            doc.validate(schema, &answer.body, at)?;
+            let mut differences = Vec::new();
+            let examples = media_examples(media);
+            let matched = examples.iter().any(|example| {
+                let before = differences.len();
+                field_differences(example, &answer.body, at, &mut differences);
+                differences.len() == before
+            });
+            ensure!(
+                matched,
+                "{at}: no documented example of {} has the fields of the answer {}:\n{}",
+                answer.status,
+                answer.body,
+                differences.join("\n")
+            );
+        }
+        "text/plain" => {
+            let text = std::str::from_utf8(&answer.bytes)
+                .with_context(|| format!("{at}: text that is not UTF-8"))?;
+            doc.validate(schema, &Value::String(text.to_owned()), at)?;
+            for example in media_examples(media) {
+                let example = example.as_str().unwrap_or_default();
+                for family in example.lines().filter(|l| l.starts_with("# TYPE ")) {
+                    ensure!(
+                        text.lines().any(|line| line == family),
+                        "{at}: the example declares `{family}`, the answer does not:\n{text}"
+                    );
+                }
+            }
+        }
+        "image/svg+xml" => {
+            let text = String::from_utf8_lossy(&answer.bytes);
+            ensure!(text.contains("<svg"), "{at}: an SVG without <svg: {text}");
+        }
+        "application/octet-stream" => ensure!(
+            answer.bytes.starts_with(&[0x1f, 0x8b]),
+            "{at}: {} bytes that are not gzip",
+            answer.bytes.len()
+        ),
+        other => bail!("{at}: teach this test to check a {other} answer"),
+    }
     for header in response["headers"]
         .as_object()
         .into_iter()
@@ -643,10 +991,81 @@ fn error_schema(doc: &Document) -> &Value {
     &doc.root["components"]["schemas"]["Error"]
 }
 
-/// Waits until the pipeline has fetched `distinct` ids (each accepted id at least once)
-/// and written every online one.
+/// The upstream of the test: client-service's contract (`GET /objects/{id}` answers
+/// `{"id":N,"online":N%2==0}`), except that it answers `404` about [`DEAD_IDS`]. It stops
+/// accepting connections when dropped.
+struct DeadLetteringUpstream {
+    addr: SocketAddr,
+    accept: JoinHandle<()>,
+}
+
+impl DeadLetteringUpstream {
+    async fn start() -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let accept = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(answer_upstream_requests(stream));
+            }
+        });
+        Ok(Self { addr, accept })
+    }
+
+    fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for DeadLetteringUpstream {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Answers the requests of one keep-alive connection until the client closes it.
+async fn answer_upstream_requests(stream: TcpStream) -> anyhow::Result<()> {
+    let mut conn = BufReader::new(stream);
+    loop {
+        let mut request_line = String::new();
+        if conn.read_line(&mut request_line).await? == 0 {
+            return Ok(());
+        }
+        loop {
+            let mut header = String::new();
+            if conn.read_line(&mut header).await? == 0 {
+                return Ok(());
+            }
+            if header.trim_end().is_empty() {
+                break;
+            }
+        }
+        let id = request_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|path| path.strip_prefix("/objects/"))
+            .and_then(|id| id.parse::<i64>().ok());
+        let (status, body) = match id {
+            Some(id) if DEAD_IDS.contains(&id) => ("404 Not Found", String::new()),
+            Some(id) => (
+                "200 OK",
+                json!({ "id": id, "online": id % 2 == 0 }).to_string(),
+            ),
+            None => ("400 Bad Request", String::new()),
+        };
+        let reply = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        conn.get_mut().write_all(reply.as_bytes()).await?;
+    }
+}
+
+/// Waits until the pipeline has fetched `distinct` ids (each accepted id at least once),
+/// written every online one and listed every one of [`DEAD_IDS`] as a dead letter.
 async fn wait_until_settled(service: &Service, distinct: usize) -> anyhow::Result<()> {
     let distinct = u64::try_from(distinct)?;
+    let dead: Vec<String> = DEAD_IDS.iter().map(i64::to_string).collect();
+    let failures = format!("/failures?ids={}", dead.join(","));
     eventually(WAIT, POLL, || async {
         let stats: Value = http()
             .get(service.admin_url("/stats"))
@@ -655,17 +1074,72 @@ async fn wait_until_settled(service: &Service, distinct: usize) -> anyhow::Resul
             .json()
             .await?;
         let count = |key: &str| stats[key].as_u64().unwrap_or(0);
-        let settled = count("online") + count("offline") + count("failed") >= distinct
+        let fetched = count("online") + count("offline") + count("failed") >= distinct
             && count("stored") >= count("online");
-        Ok(settled.then_some(()))
+        if !fetched {
+            return Ok(None);
+        }
+        let listed: Value = http()
+            .get(service.admin_url(&failures))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let listed: BTreeSet<i64> = listed["failures"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|f| f["id"].as_i64())
+            .collect();
+        Ok((listed == BTreeSet::from(DEAD_IDS)).then_some(()))
     })
     .await
-    .context("the pipeline did not settle the accepted examples")
+    .context("the pipeline did not settle the accepted examples and the dead letters")
 }
 
-/// Sends every example request of `operation` (and, for a JSON body, the bodies that
-/// cannot be examples) and checks each answer; returns how many requests were sent. The
-/// ids of bodies answered `202` are added to `accepted`.
+/// The bodies of `operation` that cannot be examples (not JSON, not declared as JSON, over
+/// a limit), each with the status and code it must get.
+fn unexampled_bodies(
+    operation: &Operation<'_>,
+) -> anyhow::Result<Vec<(u16, &'static str, &'static str, String)>> {
+    let not_json = (400, "invalid_json", "application/json", "{".to_owned());
+    let operation_id = operation.op["operationId"].as_str().unwrap_or_default();
+    Ok(match operation_id {
+        "postCallback" => vec![
+            not_json,
+            (
+                415,
+                "unsupported_media_type",
+                "text/plain",
+                r#"{"object_ids":[0]}"#.to_owned(),
+            ),
+            (
+                413,
+                "payload_too_large",
+                "application/json",
+                json!({ "object_ids": vec![0; MAX_IDS + 1] }).to_string(),
+            ),
+        ],
+        "replayFailures" | "purgeFailures" => vec![
+            not_json,
+            (
+                413,
+                "payload_too_large",
+                "application/json",
+                json!({ "ids": vec![0; MAX_SELECTED_IDS + 1] }).to_string(),
+            ),
+        ],
+        other => bail!(
+            "{} {}: teach this test the bodies of {other:?} that cannot be examples",
+            operation.method,
+            operation.path
+        ),
+    })
+}
+
+/// Sends every example request of `operation` to its listener (and, for a JSON body, the
+/// bodies that cannot be examples) and checks each answer; returns how many requests were
+/// sent. The ids of bodies answered `202` are added to `accepted`.
 async fn exercise(
     doc: &Document,
     service: &Service,
@@ -673,6 +1147,7 @@ async fn exercise(
     accepted: &mut BTreeSet<i64>,
 ) -> anyhow::Result<usize> {
     let mut sent = 0;
+    let listener = operation.listener;
     let responses = doc.responses(operation.op)?;
     let mut cases = cases(operation)?;
     if cases.is_empty() {
@@ -691,22 +1166,22 @@ async fn exercise(
         });
     }
     for case in cases {
-        let at = format!("{} {} ({})", case.method, case.target, case.name);
+        let at = format!(
+            "{} {} on the {listener} listener ({})",
+            case.method, case.target, case.name
+        );
         let body = case.body.as_ref().map(|(t, b)| (t.as_str(), b.clone()));
-        let answer = send(service, case.method.clone(), &case.target, body).await?;
+        let answer = send(service, listener, case.method.clone(), &case.target, body).await?;
         ensure!(
             answer.status == case.status,
-            "{at}: expected {}, got {} {}",
+            "{at}: expected {}, got {answer}",
             case.status,
-            answer.status,
-            answer.body
         );
         check_answer(doc, &responses, &at, &answer)?;
         if let Some(code) = &case.error {
             ensure!(
                 answer.body["error"] == code.as_str(),
-                "{at}: expected error {code}, got {}",
-                answer.body
+                "{at}: expected error {code}, got {answer}",
             );
         }
         if answer.status == 202
@@ -724,28 +1199,20 @@ async fn exercise(
         sent += 1;
     }
 
-    // Bodies that cannot be examples: not JSON, not declared as JSON, too many ids.
-    let body_content = &operation.op["requestBody"]["content"]["application/json"];
-    if body_content.is_object() {
+    if operation.op["requestBody"]["content"]["application/json"].is_object() {
         let method = reqwest::Method::from_bytes(operation.method.to_uppercase().as_bytes())?;
-        let too_many = json!({ "object_ids": vec![0; MAX_IDS + 1] }).to_string();
-        for (status, code, content_type, body) in [
-            (400, "invalid_json", "application/json", "{".to_owned()),
-            (
-                415,
-                "unsupported_media_type",
-                "text/plain",
-                r#"{"object_ids":[0]}"#.to_owned(),
-            ),
-            (413, "payload_too_large", "application/json", too_many),
-        ] {
-            let at = format!("{method} {} ({content_type}, {status})", operation.path);
+        for (status, code, content_type, body) in unexampled_bodies(operation)? {
+            let at = format!(
+                "{method} {} on the {listener} listener ({content_type}, {status})",
+                operation.path
+            );
             ensure!(
                 responses.contains_key(&status),
                 "{at}: {status} is not documented"
             );
             let answer = send(
                 service,
+                listener,
                 method.clone(),
                 operation.path,
                 Some((content_type, body)),
@@ -753,9 +1220,7 @@ async fn exercise(
             .await?;
             ensure!(
                 answer.status == status && answer.body["error"] == code,
-                "{at}: expected {status} {code}, got {} {}",
-                answer.status,
-                answer.body
+                "{at}: expected {status} {code}, got {answer}",
             );
             check_answer(doc, &responses, &at, &answer)?;
             sent += 1;
@@ -767,7 +1232,7 @@ async fn exercise(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_running_service_answers_as_documented() -> anyhow::Result<()> {
     let doc = Document::load()?;
-    let upstream = Upstream::start(0, 1).await?;
+    let upstream = DeadLetteringUpstream::start().await?;
     let max_ids = MAX_IDS.to_string();
     let Some(service) = Service::start(
         Backend::Sqlite,
@@ -780,44 +1245,66 @@ async fn the_running_service_answers_as_documented() -> anyhow::Result<()> {
         bail!("SQLite is always available");
     };
 
+    // The dead letters the admin examples list, replay and purge.
+    let seeded = http()
+        .post(service.url("/callback"))
+        .header("content-type", "application/json")
+        .body(json!({ "object_ids": DEAD_IDS }).to_string())
+        .send()
+        .await?
+        .status();
+    ensure!(seeded == 202, "the callback of the dead ids got {seeded}");
+    let mut accepted: BTreeSet<i64> = DEAD_IDS.into_iter().collect();
+
     let operations = doc.operations()?;
-    // Requests that change state go first; then, once the pipeline has settled what they
-    // accepted, the reads, each asked once: the state they see no longer changes.
+    // Requests that change state on the API go first; then, once the pipeline has settled
+    // what they accepted and the dead letters, the reads, each asked once: the state they
+    // see no longer changes; the admin listener's replays and purges last (purges last of
+    // all), so that the reads list every dead letter.
     let (writes, reads): (Vec<_>, Vec<_>) = operations.iter().partition(|o| o.method != "get");
+    let (mut admin_writes, api_writes): (Vec<_>, Vec<_>) = writes
+        .into_iter()
+        .partition(|o| o.listener == Listener::Admin);
+    admin_writes.sort_by_key(|o| o.method == "delete");
     let mut sent = 0;
-    let mut accepted = BTreeSet::new();
-    for operation in writes {
+    for operation in api_writes {
         sent += exercise(&doc, &service, operation, &mut accepted).await?;
     }
     wait_until_settled(&service, accepted.len()).await?;
-    for operation in reads {
+    for operation in reads.into_iter().chain(admin_writes) {
         sent += exercise(&doc, &service, operation, &mut accepted).await?;
     }
     ensure!(sent >= operations.len(), "only {sent} requests sent");
 
     // A documented path asked with a method it does not document: 405 naming the others.
-    let mut documented: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+    let mut documented: BTreeMap<&str, (Listener, BTreeSet<String>)> = BTreeMap::new();
     for operation in &operations {
         documented
             .entry(operation.path)
-            .or_default()
+            .or_insert_with(|| (operation.listener, BTreeSet::new()))
+            .1
             .insert(operation.method.to_uppercase());
     }
-    for (path, methods) in &documented {
+    let concrete = |path: &str| -> anyhow::Result<String> {
         let concrete = path.replace("{id}", "0");
         ensure!(
             !concrete.contains('{'),
             "{path}: teach this test a value for its parameter"
         );
+        Ok(concrete)
+    };
+    for (path, (listener, methods)) in &documented {
+        let concrete = concrete(path)?;
         for method in PROBED_METHODS {
             let method = method.to_uppercase();
             if methods.contains(&method) {
                 continue;
             }
-            let at = format!("{method} {concrete}");
+            let at = format!("{method} {concrete} on the {listener} listener");
             let body = Some(("application/json", r#"{"object_ids":[0]}"#.to_owned()));
             let answer = send(
                 &service,
+                *listener,
                 reqwest::Method::from_bytes(method.as_bytes())?,
                 &concrete,
                 body,
@@ -825,9 +1312,7 @@ async fn the_running_service_answers_as_documented() -> anyhow::Result<()> {
             .await?;
             ensure!(
                 answer.status == 405 && answer.body["error"] == "method_not_allowed",
-                "{at}: expected 405 method_not_allowed, got {} {}",
-                answer.status,
-                answer.body
+                "{at}: expected 405 method_not_allowed, got {answer}",
             );
             doc.validate(error_schema(&doc), &answer.body, &at)?;
             let allow: BTreeSet<String> = answer
@@ -846,22 +1331,44 @@ async fn the_running_service_answers_as_documented() -> anyhow::Result<()> {
         }
     }
 
-    // Paths the document does not list: 404.
-    for path in [
-        "/nope",
-        "/objects/",
-        "/objects/0/extra",
-        "/callback/extra",
-        "/Objects",
+    // Paths the document does not list for a listener, the other listener's among them: 404.
+    for (listener, unlisted) in [
+        (
+            Listener::Api,
+            &[
+                "/nope",
+                "/objects/",
+                "/objects/0/extra",
+                "/callback/extra",
+                "/Objects",
+            ][..],
+        ),
+        (
+            Listener::Admin,
+            &[
+                "/nope",
+                "/failures/",
+                "/failures/replay/extra",
+                "/Failures",
+                "/debug/pprof",
+            ][..],
+        ),
     ] {
-        let answer = send(&service, reqwest::Method::GET, path, None).await?;
-        ensure!(
-            answer.status == 404 && answer.body["error"] == "not_found",
-            "GET {path}: expected 404 not_found, got {} {}",
-            answer.status,
-            answer.body
-        );
-        doc.validate(error_schema(&doc), &answer.body, path)?;
+        let mut paths: Vec<String> = unlisted.iter().map(|p| (*p).to_owned()).collect();
+        for (path, (served_by, _)) in &documented {
+            if *served_by != listener {
+                paths.push(concrete(path)?);
+            }
+        }
+        for path in paths {
+            let at = format!("GET {path} on the {listener} listener");
+            let answer = send(&service, listener, reqwest::Method::GET, &path, None).await?;
+            ensure!(
+                answer.status == 404 && answer.body["error"] == "not_found",
+                "{at}: expected 404 not_found, got {answer}",
+            );
+            doc.validate(error_schema(&doc), &answer.body, &at)?;
+        }
     }
     drop(upstream);
     Ok(())

@@ -13,7 +13,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use anyhow::{Context, anyhow, ensure};
+use anyhow::{Context, ensure};
 use serde_json::{Value, json};
 use tests::{Backend, Proxy, Service, Upstream, eventually, http};
 use tokio::time::Instant;
@@ -84,16 +84,7 @@ fn request_bound(outage: Duration, instances: usize) -> usize {
 }
 
 async fn bounded(test: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
-    let started = Instant::now();
-    let result = tokio::time::timeout(TEST_DEADLINE, test)
-        .await
-        .map_err(|_| anyhow!("the test did not finish within {TEST_DEADLINE:?}"));
-    eprintln!(
-        "{} took {:.1?}",
-        std::thread::current().name().unwrap_or("a test"),
-        started.elapsed()
-    );
-    result?
+    tests::bounded(TEST_DEADLINE, test).await
 }
 
 /// Sends callbacks of fresh ids and remembers every id answered `202`.

@@ -217,7 +217,7 @@ impl Default for UpstreamSection {
         Self {
             base_url: "http://127.0.0.1:9010".to_owned(),
             request_timeout_ms: 5_000,
-            connect_timeout_ms: 1_000,
+            connect_timeout_ms: 3_000,
             retry_deadline_ms: 2_000,
             retry_first_delay_ms: 1_000,
             retry_max_delay_ms: 300_000,

@@ -104,7 +104,9 @@ impl Default for UpstreamConfig {
             base_url: "http://127.0.0.1:9010".to_owned(),
             // The upstream answers within 4 s at worst.
             request_timeout: Duration::from_secs(5),
-            connect_timeout: Duration::from_secs(1),
+            // Past the kernel's first SYN retransmission (1 s): a connection dropped once
+            // by a full accept queue still gets through.
+            connect_timeout: Duration::from_secs(3),
             // In-process retries stay short: a blip costs no round trip to the database,
             // longer failures go back to the caller's durable retry schedule.
             retry_deadline: Duration::from_secs(2),
