@@ -1,0 +1,252 @@
+//! Client configurations against a rustls server, handshaking in memory.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::ServerName;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{CertificateError, ClientConnection, ServerConfig, ServerConnection};
+
+use super::*;
+use crate::testing::TestPki;
+
+/// Runs a whole handshake between the two configurations, in memory; the first error of
+/// either side.
+fn handshake(
+    client: ClientConfig,
+    server: ServerConfig,
+    name: &str,
+) -> Result<ClientConnection, rustls::Error> {
+    let name = ServerName::try_from(name.to_owned()).expect("server name");
+    let mut client = ClientConnection::new(Arc::new(client), name)?;
+    let mut server = ServerConnection::new(Arc::new(server))?;
+    for _ in 0..20 {
+        if !client.is_handshaking() && !server.is_handshaking() {
+            return Ok(client);
+        }
+        let mut wire = Vec::new();
+        while client.wants_write() {
+            client.write_tls(&mut wire).expect("write to memory");
+        }
+        server
+            .read_tls(&mut wire.as_slice())
+            .expect("read from memory");
+        let server_state = server.process_new_packets();
+        let mut wire = Vec::new();
+        while server.wants_write() {
+            server.write_tls(&mut wire).expect("write to memory");
+        }
+        client
+            .read_tls(&mut wire.as_slice())
+            .expect("read from memory");
+        client.process_new_packets()?;
+        server_state?;
+    }
+    panic!("the handshake did not finish in 20 rounds");
+}
+
+fn settings(verification: Verification, roots: Roots) -> ClientSettings {
+    ClientSettings {
+        verification,
+        roots,
+        identity: None,
+    }
+}
+
+fn ca(pki: &TestPki) -> Roots {
+    Roots::File(pki.ca_file().to_owned())
+}
+
+fn server(identity: &Identity) -> ServerConfig {
+    server_config(identity).expect("server config")
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    pki: TestPki,
+    other: TestPki,
+    localhost: Identity,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = TestPki::new(dir.path(), "ours");
+    let other = TestPki::new(dir.path(), "theirs");
+    let localhost = pki.server("localhost", &["localhost", "127.0.0.1"]);
+    Fixture {
+        _dir: dir,
+        pki,
+        other,
+        localhost,
+    }
+}
+
+fn refused_certificate(result: Result<ClientConnection, rustls::Error>) -> CertificateError {
+    match result {
+        Err(rustls::Error::InvalidCertificate(cause)) => cause,
+        Err(other) => panic!("expected a refused certificate, got {other}"),
+        Ok(_) => panic!("expected a refused certificate, the handshake succeeded"),
+    }
+}
+
+#[test]
+fn full_verification_accepts_the_right_ca_and_name_or_ip_address() {
+    let f = fixture();
+    for name in ["localhost", "127.0.0.1"] {
+        let client = client_config(&settings(Verification::Full, ca(&f.pki))).unwrap();
+        handshake(client, server(&f.localhost), name).expect(name);
+    }
+}
+
+#[test]
+fn full_verification_refuses_another_name() {
+    let f = fixture();
+    let client = client_config(&settings(Verification::Full, ca(&f.pki))).unwrap();
+    let cause = refused_certificate(handshake(client, server(&f.localhost), "db.example.com"));
+    assert!(
+        matches!(
+            cause,
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. }
+        ),
+        "{cause:?}"
+    );
+}
+
+#[test]
+fn chain_verification_ignores_the_name_but_not_the_issuer() {
+    let f = fixture();
+    let client = client_config(&settings(Verification::Chain, ca(&f.pki))).unwrap();
+    handshake(client, server(&f.localhost), "db.example.com").expect("any name");
+
+    let client = client_config(&settings(Verification::Chain, ca(&f.other))).unwrap();
+    let cause = refused_certificate(handshake(client, server(&f.localhost), "localhost"));
+    assert_eq!(cause, CertificateError::UnknownIssuer);
+}
+
+#[test]
+fn full_verification_refuses_another_ca_and_mozilla_roots_refuse_a_private_ca() {
+    let f = fixture();
+    for roots in [ca(&f.other), Roots::Mozilla] {
+        let client = client_config(&settings(Verification::Full, roots.clone())).unwrap();
+        let cause = refused_certificate(handshake(client, server(&f.localhost), "localhost"));
+        assert_eq!(cause, CertificateError::UnknownIssuer, "{roots:?}");
+    }
+}
+
+#[test]
+fn no_verification_accepts_any_certificate_and_never_reads_the_roots() {
+    let f = fixture();
+    let missing = Roots::File(f._dir.path().join("missing.pem"));
+    let client = client_config(&settings(Verification::Nothing, missing)).unwrap();
+    handshake(client, server(&f.localhost), "anything.example").expect("encrypted");
+}
+
+#[test]
+fn mozilla_roots_are_compiled_in() {
+    assert!(root_store(&Roots::Mozilla).unwrap().len() > 100);
+}
+
+#[test]
+fn a_client_certificate_is_presented_to_a_server_that_asks() {
+    let f = fixture();
+    let identity = f.pki.client("client", "postgres");
+    let mut roots = RootCertStore::empty();
+    for cert in read_certificates("CA file", f.pki.ca_file()).unwrap() {
+        roots.add(cert).unwrap();
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .unwrap();
+    let server_config = || {
+        ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(Arc::clone(&verifier))
+            .with_single_cert(
+                read_certificates("certificate file", &f.localhost.cert_file).unwrap(),
+                read_private_key("key file", &f.localhost.key_file).unwrap(),
+            )
+            .unwrap()
+    };
+
+    let with_identity = ClientSettings {
+        identity: Some(identity),
+        ..settings(Verification::Full, ca(&f.pki))
+    };
+    handshake(
+        client_config(&with_identity).unwrap(),
+        server_config(),
+        "localhost",
+    )
+    .expect("mutual TLS");
+
+    let without = client_config(&settings(Verification::Full, ca(&f.pki))).unwrap();
+    let err = handshake(without, server_config(), "localhost").expect_err("no client cert");
+    assert!(
+        matches!(
+            err,
+            rustls::Error::AlertReceived(_) | rustls::Error::NoCertificatesPresented
+        ),
+        "{err:?}"
+    );
+}
+
+fn error_text(result: Result<impl std::fmt::Debug, TlsError>) -> String {
+    let err = result.expect_err("an error");
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(&err);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[test]
+fn unusable_files_are_named_with_their_fault() {
+    let f = fixture();
+    let dir = f._dir.path();
+    let missing = dir.join("missing.pem");
+    let empty = dir.join("empty.pem");
+    std::fs::write(&empty, "no PEM in here\n").unwrap();
+
+    let text = error_text(root_store(&Roots::File(missing.clone())));
+    assert!(text.starts_with("cannot read the CA file "), "{text}");
+    assert!(text.contains(&*missing.to_string_lossy()), "{text}");
+    assert!(text.contains("No such file"), "{text}");
+
+    let text = error_text(root_store(&Roots::File(empty.clone())));
+    assert_eq!(
+        text,
+        format!("the CA file {} holds no PEM certificate", empty.display())
+    );
+
+    // A certificate where the key should be.
+    let text = error_text(read_private_key("key file", &f.localhost.cert_file));
+    assert!(text.contains("holds no PEM private key"), "{text}");
+
+    // A key that is not the certificate's.
+    let other = f.pki.server("other", &["localhost"]);
+    let mismatched = Identity {
+        cert_file: f.localhost.cert_file.clone(),
+        key_file: other.key_file.clone(),
+    };
+    let text = error_text(server_config(&mismatched));
+    assert!(text.contains("cannot be used"), "{text}");
+    assert_path_named(&text, &mismatched.key_file);
+}
+
+fn assert_path_named(text: &str, path: &Path) {
+    assert!(text.contains(&*path.to_string_lossy()), "{text}");
+}
+
+#[test]
+fn permanent_tls_errors_are_told_from_io_errors() {
+    let refused = rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer);
+    assert!(is_permanent(&refused));
+    let wrapped = std::io::Error::new(std::io::ErrorKind::InvalidData, refused);
+    assert!(is_permanent(&wrapped));
+    let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+    assert!(!is_permanent(&reset));
+}
