@@ -156,6 +156,22 @@ pub struct StoreOptions {
     /// PostgreSQL: the server cancels any statement that runs longer (`statement_timeout`),
     /// and the call fails as unavailable; zero means no limit. SQLite ignores it.
     pub statement_timeout: Duration,
+    /// PostgreSQL: the TLS files given outside the url (the url's `sslrootcert`, `sslcert`
+    /// and `sslkey` may name them instead, but not differently). SQLite ignores them.
+    pub tls: PgTlsOptions,
+}
+
+/// TLS files for PostgreSQL given as settings rather than in the url; see
+/// [`PgStore::open`] for the url's `sslmode`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PgTlsOptions {
+    /// The CA certificates (PEM) the server's certificate must chain up to, as the url's
+    /// `sslrootcert`.
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate (PEM) for mutual TLS, as the url's `sslcert`.
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (PEM), as the url's `sslkey`.
+    pub key_file: Option<PathBuf>,
 }
 
 impl Default for StoreOptions {
@@ -167,6 +183,7 @@ impl Default for StoreOptions {
             wait_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(30),
+            tls: PgTlsOptions::default(),
         }
     }
 }
@@ -188,6 +205,10 @@ pub enum OpenError {
     /// The PostgreSQL url cannot be read.
     #[error("invalid postgresql url: {0}")]
     InvalidPostgresUrl(&'static str),
+    /// The TLS settings of the PostgreSQL url and options cannot work (a verify mode without
+    /// a CA, a file that cannot be read or holds no certificate, two files for one setting).
+    #[error("invalid postgresql TLS settings: {0}")]
+    InvalidTls(String),
     /// No connection to the PostgreSQL server could be made, or its session settings could
     /// not be applied.
     #[error("cannot connect to postgresql at {server}")]

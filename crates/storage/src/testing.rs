@@ -207,24 +207,31 @@ fn postgres_required() -> bool {
 /// Connects to the server for administration; the connection is driven on the current
 /// runtime until the client is dropped.
 async fn admin_connect(server_url: &str) -> Result<tokio_postgres::Client, TestDatabaseError> {
-    let server = redact(server_url);
-    let mut config: tokio_postgres::Config =
-        server_url.parse().map_err(|_| TestDatabaseError::Setup {
+    connect(server_url).await
+}
+
+/// A direct connection (no pool, no session settings) to the database of `url`, with the
+/// store's own TLS connector, so a `sslmode` in `TEST_DATABASE_URL` applies to the tests'
+/// own connections too. The connection is driven on the current runtime until the client
+/// is dropped.
+pub async fn connect(url: &str) -> Result<tokio_postgres::Client, TestDatabaseError> {
+    let server = redact(url);
+    let (mut config, tls) = crate::postgres::parse_url(url, &crate::PgTlsOptions::default())
+        .map_err(|err| TestDatabaseError::Setup {
             server: server.clone(),
-            reason: "not a postgresql connection url".to_owned(),
+            reason: err.to_string(),
         })?;
     config.connect_timeout(CONNECT_TIMEOUT);
     config.application_name("callback-service-tests");
-    let connected =
-        match tokio::time::timeout(CONNECT_TIMEOUT, config.connect(tokio_postgres::NoTls)).await {
-            Ok(connected) => connected,
-            Err(_) => {
-                return Err(TestDatabaseError::Unreachable {
-                    server,
-                    reason: format!("no answer within {CONNECT_TIMEOUT:?}"),
-                });
-            }
-        };
+    let connected = match tokio::time::timeout(CONNECT_TIMEOUT, config.connect(tls)).await {
+        Ok(connected) => connected,
+        Err(_) => {
+            return Err(TestDatabaseError::Unreachable {
+                server,
+                reason: format!("no answer within {CONNECT_TIMEOUT:?}"),
+            });
+        }
+    };
     match connected {
         Ok((client, connection)) => {
             tokio::spawn(async move {

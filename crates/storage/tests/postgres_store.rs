@@ -27,13 +27,9 @@ fn object(raw: i64, last_seen: i64, expires_at: i64) -> StoredObject {
 
 /// A plain connection to `url` for looking behind the store's back.
 async fn direct(url: &str) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+    storage::testing::connect(url)
         .await
-        .expect("direct connection");
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    client
+        .expect("direct connection")
 }
 
 async fn open(url: &str) -> Arc<dyn Database> {

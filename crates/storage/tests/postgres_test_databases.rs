@@ -33,15 +33,11 @@ fn dead_pid() -> u32 {
 async fn leftovers_of_dead_processes_are_swept_and_databases_dropped() {
     let server_url =
         std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_SERVER_URL.to_owned());
-    let Ok((admin, connection)) = tokio_postgres::connect(&server_url, tokio_postgres::NoTls).await
-    else {
+    let Ok(admin) = storage::testing::connect(&server_url).await else {
         // No server: `create` skips loudly (or fails under REQUIRE_POSTGRES=1).
         assert!(TestDatabase::create().await.is_none());
         return;
     };
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
 
     // A crashed run's database, one of a live process (pid 1 never dies), and one of an
     // earlier process that had this process's pid.
@@ -76,12 +72,9 @@ async fn leftovers_of_dead_processes_are_swept_and_databases_dropped() {
     );
 
     // The database is usable, and dropping the value drops it, sessions and all.
-    let (client, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+    let client = storage::testing::connect(&db.url)
         .await
         .expect("connect to the test database");
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
     client
         .batch_execute("CREATE TABLE t (x int)")
         .await

@@ -1,9 +1,10 @@
 //! The PostgreSQL store: diesel-async's `AsyncPgConnection` pooled by deadpool.
 //!
-//! The driver is tokio-postgres (pure Rust, no libpq). Connections are plain TCP or Unix
-//! sockets without TLS for now; TLS is a later feature: a `MakeTlsConnect` in [`connect`]
-//! instead of `NoTls`, and nothing else changes.
+//! The driver is tokio-postgres (pure Rust, no libpq). Connections are TCP or Unix sockets,
+//! over TLS (rustls) as the url's `sslmode` says (`connector`): every connection, pooled
+//! or made by the background reconnect, goes through the same [`connect`].
 
+mod connector;
 mod inbox;
 mod schema;
 mod upsert;
@@ -36,6 +37,7 @@ use domain::{ObjectId, StoreError, StoredObject, Timestamp};
 use tokio_postgres::config::Host;
 use tracing::Instrument;
 
+use self::connector::PgTls;
 use self::inbox::{EnqueueBatch, EnqueueTracedBatch};
 use self::schema::{inbox as inbox_rows, objects};
 use self::upsert::UpsertBatch;
@@ -62,6 +64,8 @@ const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
 /// `Debug` output and nothing here prints the url.
 struct Settings {
     config: tokio_postgres::Config,
+    /// The TLS mode and connector (`sslmode=disable` too: then it is never asked).
+    tls: PgTls,
     connect_timeout: Duration,
     /// The session settings, as one batch of statements.
     session: String,
@@ -71,11 +75,13 @@ struct Settings {
 }
 
 impl Settings {
-    fn new(mut config: tokio_postgres::Config, options: &StoreOptions) -> Self {
+    fn new(mut config: tokio_postgres::Config, tls: PgTls, options: &StoreOptions) -> Self {
         config.connect_timeout(options.connect_timeout);
+        config.ssl_mode(tls.driver_mode());
         let server = describe_server(&config);
         Self {
             config,
+            tls,
             connect_timeout: options.connect_timeout,
             session: session_settings(options.statement_timeout),
             server,
@@ -152,7 +158,7 @@ async fn establish(settings: &Settings) -> Result<AsyncPgConnection, ConnectFail
     let attempt = async {
         let (client, connection) = settings
             .config
-            .connect(tokio_postgres::NoTls)
+            .connect(settings.tls.clone())
             .await
             .map_err(|err| ConnectFailure {
                 transient: is_transient(&err),
@@ -184,10 +190,11 @@ async fn establish(settings: &Settings) -> Result<AsyncPgConnection, ConnectFail
 
 /// Whether a failed connect may succeed later: no answer from the server at all (an I/O
 /// error), or the server saying it cannot take us *now*: starting up or shutting down
-/// (class 57P), out of connection slots (53300).
+/// (class 57P), out of connection slots (53300). A refused TLS negotiation (certificate,
+/// a server without TLS under `require`) is not: the settings must change.
 fn is_transient(err: &tokio_postgres::Error) -> bool {
     match err.as_db_error() {
-        None => true,
+        None => !connector::is_permanent(err),
         Some(db) => {
             let code = db.code().code();
             code.starts_with("57P") || code == "53300"
@@ -334,9 +341,13 @@ fn describe_driver_error(err: &tokio_postgres::Error) -> String {
             db.code().code()
         );
     }
-    match std::error::Error::source(err) {
+    let described = match std::error::Error::source(err) {
         Some(cause) => format!("{err}: {cause}"),
         None => err.to_string(),
+    };
+    match connector::hint(err) {
+        Some(hint) => format!("{described} ({hint})"),
+        None => described,
     }
 }
 
@@ -388,10 +399,9 @@ impl PgStore {
                 "max_connections must be at least 1",
             ));
         }
-        let config: tokio_postgres::Config = lowercase_scheme(url)
-            .parse()
-            .map_err(|err| OpenError::InvalidPostgresUrl(url_error(&err)))?;
-        let settings = Arc::new(Settings::new(config, options));
+        let (config, tls) = parse_url(url, &options.tls)?;
+        let settings = Arc::new(Settings::new(config, tls, options));
+        let tls = settings.tls.describe();
         let server = settings.server.clone();
         let readiness = Arc::new(Readiness::default());
         let applied = match connect_and_migrate(&settings).await {
@@ -455,6 +465,7 @@ impl PgStore {
         }
         tracing::info!(
             server = %store.server,
+            tls,
             max_connections = options.max_connections,
             migrations_applied = ?applied,
             ready = applied.is_some(),
@@ -969,6 +980,19 @@ async fn migrate(conn: AsyncPgConnection) -> Result<Vec<String>, OpenError> {
     })
     .await
     .map_err(OpenError::Task)?
+}
+
+/// The driver's configuration of `url` and the TLS it names (with `tls_files`), its TLS
+/// keys taken out first: tokio-postgres refuses most of them.
+pub(crate) fn parse_url(
+    url: &str,
+    tls_files: &crate::PgTlsOptions,
+) -> Result<(tokio_postgres::Config, PgTls), OpenError> {
+    let (rest, url_tls) = connector::take_tls_params(&lowercase_scheme(url));
+    let config = rest
+        .parse()
+        .map_err(|err| OpenError::InvalidPostgresUrl(url_error(&err)))?;
+    Ok((config, PgTls::resolve(&url_tls, tls_files)?))
 }
 
 /// `url` with its scheme in lower case, as tokio-postgres wants it (`POSTGRES://…` is

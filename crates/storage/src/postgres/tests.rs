@@ -452,10 +452,9 @@ async fn a_failing_completion_changes_nothing() {
         3
     );
     // Recording the failure, after the object's upsert, fails.
-    let (client, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+    let client = crate::testing::connect(&db.url)
         .await
         .expect("direct connection");
-    tokio::spawn(connection);
     client
         .batch_execute(
             "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS \
