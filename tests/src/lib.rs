@@ -13,7 +13,9 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
+pub mod pg_cluster;
 pub mod proxy;
+pub mod tls_postgres;
 
 pub use proxy::Proxy;
 
@@ -277,6 +279,9 @@ pub enum Backend {
     Sqlite,
     /// A fresh PostgreSQL database on the server of `TEST_DATABASE_URL`.
     Postgres,
+    /// A fresh PostgreSQL database on a server of the test's own that accepts TLS only,
+    /// reached with `sslmode=verify-full` ([`tls_postgres::TlsPostgres`]).
+    PostgresTls,
 }
 
 /// The database a [`Service`] runs on; a PostgreSQL one is dropped with it.
@@ -286,6 +291,14 @@ pub enum Database {
     Sqlite(PathBuf),
     /// A throwaway PostgreSQL database.
     Postgres(storage::testing::TestDatabase),
+    /// A throwaway PostgreSQL database on a TLS-only server of its own, stopped with it
+    /// (the database is dropped first: fields drop in order).
+    PostgresTls {
+        /// The database.
+        db: storage::testing::TestDatabase,
+        /// Its server.
+        server: Box<tls_postgres::TlsPostgres>,
+    },
 }
 
 impl Database {
@@ -297,6 +310,21 @@ impl Database {
             Backend::Postgres => storage::testing::TestDatabase::create()
                 .await
                 .map(Self::Postgres),
+            Backend::PostgresTls => {
+                let server = match tls_postgres::TlsPostgres::start().await {
+                    Ok(Some(server)) => server,
+                    Ok(None) => return None,
+                    Err(err) => panic!("cannot start PostgreSQL over TLS: {err:#}"),
+                };
+                let url = server.url("localhost", "postgres", &server.verify_full());
+                let db = storage::testing::TestDatabase::create_on(&url)
+                    .await
+                    .unwrap_or_else(|err| panic!("cannot create a database over TLS: {err}"));
+                Some(Self::PostgresTls {
+                    db,
+                    server: Box::new(server),
+                })
+            }
         }
     }
 
@@ -304,7 +332,7 @@ impl Database {
     pub fn url(&self) -> String {
         match self {
             Self::Sqlite(path) => format!("sqlite://{}", path.display()),
-            Self::Postgres(db) => db.url.clone(),
+            Self::Postgres(db) | Self::PostgresTls { db, .. } => db.url.clone(),
         }
     }
 
@@ -327,11 +355,13 @@ impl Database {
                     diesel::RunQueryDsl::load(diesel::sql_query(QUERY), &mut conn)?;
                 Ok(rows.into_iter().map(|r| r.id).collect())
             }
-            Self::Postgres(db) => {
-                use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-                let mut conn = AsyncPgConnection::establish(&db.url).await?;
-                let rows: Vec<Row> = diesel::sql_query(QUERY).load(&mut conn).await?;
-                Ok(rows.into_iter().map(|r| r.id).collect())
+            Self::Postgres(db) | Self::PostgresTls { db, .. } => {
+                // The store's own connector, so a TLS url works as it does for the service.
+                let client = storage::testing::connect(&db.url)
+                    .await
+                    .map_err(|err| anyhow::anyhow!("{err}"))?;
+                let rows = client.query(QUERY, &[]).await?;
+                Ok(rows.iter().map(|row| row.get::<_, i64>(0)).collect())
             }
         }
     }

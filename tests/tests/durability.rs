@@ -208,6 +208,13 @@ async fn two_instances_on_one_postgres_lose_nothing_when_killed() -> anyhow::Res
     kill_during_a_stream(Backend::Postgres, 2).await
 }
 
+/// The same over TLS: a server that accepts `hostssl` connections only, reached with
+/// `sslmode=verify-full`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_instance_killed_20_times_over_tls_loses_no_accepted_id() -> anyhow::Result<()> {
+    kill_during_a_stream(Backend::PostgresTls, 1).await
+}
+
 async fn rows_that_expired_while_the_service_was_down_are_deleted_at_start(
     backend: Backend,
 ) -> anyhow::Result<()> {

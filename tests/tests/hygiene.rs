@@ -22,6 +22,8 @@ const IO_CRATES: &[&str] = &[
     "tracing-opentelemetry",
     "metrics-exporter-prometheus",
     "figment",
+    "rustls",
+    "tokio-rustls",
 ];
 
 /// The names of every crate `package` depends on at run time, transitively.
@@ -109,6 +111,18 @@ fn adapters_do_not_depend_on_each_other() {
         "http-transport",
         &["diesel", "reqwest", "storage", "upstream-client"],
     );
+    // The TLS helpers serve every adapter and depend on none.
+    assert_free_of(
+        "tls",
+        &[
+            "storage",
+            "upstream-client",
+            "http-transport",
+            "hyper",
+            "reqwest",
+            "diesel",
+        ],
+    );
     // Adapters carry trace context (`trace-context`) but never hold the exporter.
     for adapter in ["storage", "upstream-client", "http-transport"] {
         assert_free_of(adapter, &["telemetry", "opentelemetry-zipkin"]);
@@ -137,6 +151,10 @@ const LICENCE_EXCEPTIONS: &[(&str, &str)] = &[
     // `pprof`). CDDL-1.0 is file-level copyleft: it binds changes to inferno's own files,
     // which we use unmodified from crates.io.
     ("inferno", "CDDL-1.0"),
+    // Mozilla's root certificates as compiled-in data (`sslrootcert=system`, https
+    // upstreams). CDLA-Permissive-2.0 is a permissive licence for data: use and share,
+    // keeping the licence text; no copyleft.
+    ("webpki-roots", "CDLA-Permissive-2.0"),
 ];
 
 /// Whether an SPDX expression is satisfied by the allowed licences: `OR` needs one side,

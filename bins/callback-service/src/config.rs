@@ -167,6 +167,13 @@ pub struct DatabaseSection {
     pub connect_timeout_ms: u64,
     /// The longest one statement may run before the server cancels it (PostgreSQL).
     pub statement_timeout_ms: u64,
+    /// PostgreSQL: the CA certificates (PEM) the server's must chain up to; empty: the
+    /// url's `sslrootcert`, if any.
+    pub tls_ca_file: String,
+    /// PostgreSQL: a client certificate (PEM) for mutual TLS; empty: the url's `sslcert`.
+    pub tls_cert_file: String,
+    /// PostgreSQL: the client certificate's key (PEM); empty: the url's `sslkey`.
+    pub tls_key_file: String,
 }
 
 impl Default for DatabaseSection {
@@ -177,6 +184,9 @@ impl Default for DatabaseSection {
             wait_timeout_ms: 5_000,
             connect_timeout_ms: 5_000,
             statement_timeout_ms: 30_000,
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
         }
     }
 }

@@ -85,6 +85,11 @@ async fn run(config: Config, metrics: telemetry::metrics::MetricsHandle) -> anyh
             wait_timeout: ms(config.database.wait_timeout_ms),
             connect_timeout: ms(config.database.connect_timeout_ms),
             statement_timeout: ms(config.database.statement_timeout_ms),
+            tls: storage::PgTlsOptions {
+                ca_file: path_setting(&config.database.tls_ca_file),
+                cert_file: path_setting(&config.database.tls_cert_file),
+                key_file: path_setting(&config.database.tls_key_file),
+            },
         },
     )
     .await
@@ -278,6 +283,11 @@ async fn wait_for_signal() -> anyhow::Result<&'static str> {
             .context("cannot listen for Ctrl-C")?;
         Ok("Ctrl-C")
     }
+}
+
+/// A file setting: empty means not set.
+fn path_setting(value: &str) -> Option<std::path::PathBuf> {
+    (!value.is_empty()).then(|| std::path::PathBuf::from(value))
 }
 
 /// The name this instance takes leases under: `pipeline.instance_id`, else the host name

@@ -18,6 +18,8 @@
 mod ingress;
 mod load;
 mod pipeline;
+// The throwaway cluster the e2e tests use too, compiled here from its one source file.
+#[path = "../../../tests/src/pg_cluster.rs"]
 mod postgres;
 mod procs;
 mod real;
@@ -201,7 +203,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut checks: Vec<Check> = Vec::new();
     for &scenario in &scenarios {
         let cluster = match args.db {
-            Db::Postgres => Some(postgres::Cluster::start().await?),
+            Db::Postgres => {
+                let setup = postgres::Setup {
+                    name: "bench",
+                    fsync: true,
+                    ..postgres::Setup::default()
+                };
+                let cluster =
+                    tokio::task::spawn_blocking(move || postgres::Cluster::start(&setup)).await??;
+                eprintln!(
+                    "bench: a throwaway PostgreSQL runs on 127.0.0.1:{}",
+                    cluster.port()
+                );
+                Some(cluster)
+            }
             Db::Sqlite => None,
         };
         println!();
@@ -213,7 +228,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
         };
         if let Some(cluster) = cluster {
-            cluster.stop().await;
+            tokio::task::spawn_blocking(move || cluster.stop()).await?;
         }
         let outcome = outcome.with_context(|| format!("bench {}", scenario.name()))?;
         results.push(outcome.json);
