@@ -569,6 +569,8 @@ macro_rules! on_both_backends {
 
 /// A shared HTTP client with a per-request timeout, so no test can hang on a request.
 pub fn http() -> reqwest::Client {
+    // reqwest has no rustls provider of its own (see the workspace manifest).
+    tls::install_default_provider();
     reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()

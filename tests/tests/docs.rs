@@ -2,7 +2,8 @@
 //!
 //! - `docs/configuration.md` lists exactly the keys of `config/default.toml` and
 //!   `config/client-service.toml`, with their environment variable names and defaults,
-//!   and the flags the binaries' `--help` shows for them.
+//!   and the flags the binaries' `--help` shows for them (a key a file leaves unset on
+//!   purpose is shown there commented out and documented as `unset`).
 //! - README.md's configuration table agrees with both.
 //! - `docker/compose.yaml` sets only variables that name real keys, and publishes the
 //!   documented ports (the admin listener on the host's loopback only).
@@ -37,6 +38,33 @@ fn toml_keys(relative: &str) -> anyhow::Result<BTreeMap<String, Value>> {
     ensure!(!keys.is_empty(), "{relative} has no keys");
     Ok(keys)
 }
+
+/// The keys a configuration file leaves unset on purpose, as `section.key`: optional keys
+/// whose default is worked out at start, shown commented out (`# key = example`) in their
+/// section. The reference documents their default as `unset`.
+fn commented_keys(relative: &str) -> anyhow::Result<BTreeSet<String>> {
+    let mut section = None;
+    let mut keys = BTreeSet::new();
+    for line in read_workspace_file(relative)?.lines() {
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = Some(name.to_owned());
+            continue;
+        }
+        let Some((key, _)) = line.strip_prefix("# ").and_then(|l| l.split_once(" = ")) else {
+            continue;
+        };
+        if let Some(section) = &section
+            && !key.is_empty()
+            && key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+        {
+            keys.insert(format!("{section}.{key}"));
+        }
+    }
+    Ok(keys)
+}
+
+/// What the reference writes as the default of a key left unset.
+const UNSET: &str = "unset";
 
 /// A TOML value written in a document (`"text"`, `10`, `1.0`, `true`).
 fn toml_value(literal: &str) -> anyhow::Result<Value> {
@@ -102,16 +130,33 @@ fn config_rows(text: &str, heading: &str) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// Checks the rows against the file: every key once, with its env name and default.
+/// Checks the rows against the file: every key once, with its env name and default (or,
+/// for a key the file leaves `unset`, shown commented out there).
 fn check_rows(
     rows: &[Row],
     keys: &BTreeMap<String, Value>,
+    unset: &BTreeSet<String>,
     prefix: &str,
     what: &str,
 ) -> anyhow::Result<()> {
     let mut seen = BTreeSet::new();
     for row in rows {
         ensure!(seen.insert(&row.key), "{what}: `{}` twice", row.key);
+        if row.default == UNSET {
+            ensure!(
+                unset.contains(&row.key) && !keys.contains_key(&row.key),
+                "{what}: `{}` is documented as unset, so the file must show it commented out (`# key = …`) in its section, not set it",
+                row.key
+            );
+            ensure!(
+                row.env == env_name(prefix, &row.key),
+                "{what}: `{}` has env {}, expected {}",
+                row.key,
+                row.env,
+                env_name(prefix, &row.key)
+            );
+            continue;
+        }
         let value = keys
             .get(&row.key)
             .with_context(|| format!("{what}: `{}` is not a key of the file", row.key))?;
@@ -176,9 +221,14 @@ fn the_configuration_reference_lists_every_key_of_both_files() -> anyhow::Result
         let keys = toml_keys(file)?;
         let rows = config_rows(&reference, heading)?;
         let what = format!("docs/configuration.md {heading}");
-        check_rows(&rows, &keys, prefix, &what)?;
+        let unset = commented_keys(file)?;
+        check_rows(&rows, &keys, &unset, prefix, &what)?;
         let documented: BTreeSet<&String> = rows.iter().map(|r| &r.key).collect();
-        let missing: Vec<&String> = keys.keys().filter(|k| !documented.contains(k)).collect();
+        let missing: Vec<&String> = keys
+            .keys()
+            .chain(&unset)
+            .filter(|k| !documented.contains(k))
+            .collect();
         ensure!(
             missing.is_empty(),
             "{file} has keys {what} does not list: {missing:?}; add a row for each"
@@ -214,6 +264,7 @@ fn the_readme_configuration_table_agrees_with_the_file_and_the_reference() -> an
     check_rows(
         &rows,
         &toml_keys("config/default.toml")?,
+        &commented_keys("config/default.toml")?,
         "CALLBACK_",
         "README.md ## Configuration",
     )?;

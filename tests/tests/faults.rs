@@ -1146,6 +1146,7 @@ async fn sqlite_locked_past_its_busy_timeout_answers_503_then_recovers() -> anyh
 
         let (release, holder) = lock_sqlite(path).await?;
         // The service's busy timeout is 5 s; its wait for the write lock 1 s.
+        tls::install_default_provider();
         let patient = reqwest::Client::builder()
             .timeout(Duration::from_secs(20))
             .build()?;

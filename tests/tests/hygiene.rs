@@ -155,6 +155,8 @@ const LICENCE_EXCEPTIONS: &[(&str, &str)] = &[
     // upstreams). CDLA-Permissive-2.0 is a permissive licence for data: use and share,
     // keeping the licence text; no copyleft.
     ("webpki-roots", "CDLA-Permissive-2.0"),
+    // The same roots as certificates, through reqwest's rustls-platform-verifier.
+    ("webpki-root-certs", "CDLA-Permissive-2.0"),
 ];
 
 /// Whether an SPDX expression is satisfied by the allowed licences: `OR` needs one side,

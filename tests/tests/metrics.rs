@@ -135,6 +135,13 @@ async fn metrics_after_traffic_hold_the_named_series_with_their_counts() -> anyh
     assert!(count("store_batch_duration_seconds_count", &[]).unwrap_or_default() >= 1.0);
     assert!(count("expiry_lateness_seconds_count", &[]).unwrap_or_default() >= 1.0);
     assert_eq!(count("upstream_retries_total", &[]), Some(0.0));
+    for reason in ["missing", "invalid", "expired", "replayed"] {
+        assert_eq!(
+            count("auth_rejections_total", &[("reason", reason)]),
+            Some(0.0),
+            "registered at start; auth is off, so never incremented"
+        );
+    }
     // The SQLite pool reports its connections too (the sweeper or the backlog monitor may
     // hold one at the moment of the scrape).
     let in_use = count("db_pool_connections", &[("state", "in_use")]).unwrap_or(-1.0);
@@ -209,6 +216,7 @@ async fn metrics_after_traffic_hold_the_named_series_with_their_counts() -> anyh
     );
     for help in [
         "# HELP callbacks_accepted_total ",
+        "# HELP auth_rejections_total ",
         "# HELP http_request_duration_seconds ",
         "# TYPE http_request_duration_seconds histogram",
         "# TYPE upstream_fetch_duration_seconds histogram",

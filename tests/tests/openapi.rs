@@ -18,6 +18,9 @@
 //!   `405` with the documented methods in `Allow`; undocumented paths, and the paths of
 //!   the other listener, answer `404`; a body that cannot be an example (not JSON, not
 //!   declared as JSON, over the id limit) gets the documented `400`, `415` or `413`.
+//! - With authentication on, each API operation whose `security` names a scheme answers
+//!   the documented `401` without credentials and succeeds with them; the others, and the
+//!   admin listener, are not checked.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -871,7 +874,22 @@ async fn send(
     target: &str,
     body: Option<(&str, String)>,
 ) -> anyhow::Result<Answer> {
+    send_with_headers(service, listener, method, target, body, &[]).await
+}
+
+/// [`send`] with more request headers.
+async fn send_with_headers(
+    service: &Service,
+    listener: Listener,
+    method: reqwest::Method,
+    target: &str,
+    body: Option<(&str, String)>,
+    headers: &[(&str, String)],
+) -> anyhow::Result<Answer> {
     let mut request = http().request(method, listener.url(service, target));
+    for (name, value) in headers {
+        request = request.header(*name, value);
+    }
     if let Some((content_type, body)) = body {
         request = request.header("content-type", content_type).body(body);
     }
@@ -1370,6 +1388,121 @@ async fn the_running_service_answers_as_documented() -> anyhow::Result<()> {
             doc.validate(error_schema(&doc), &answer.body, &at)?;
         }
     }
+    drop(upstream);
+    Ok(())
+}
+
+/// With authentication on (`auth.mode = "bearer"`), each API operation as its `security`
+/// says: one that names a scheme documents `401` and answers it, as documented (envelope,
+/// a `WWW-Authenticate` the document lists), to a request without credentials, and a
+/// documented answer other than `401` to the same request with a key; one that names none
+/// (health) succeeds without credentials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_auth_on_each_api_operation_is_checked_as_its_security_says() -> anyhow::Result<()> {
+    const KEY: &str = "openapi-test-key";
+    let doc = Document::load()?;
+    let schemes = doc.root["components"]["securitySchemes"]
+        .as_object()
+        .context("components.securitySchemes")?;
+    let challenge_schema = &doc.root["components"]["headers"]["WwwAuthenticate"]["schema"];
+    let upstream = DeadLetteringUpstream::start().await?;
+    let Some(service) = Service::start(
+        Backend::Sqlite,
+        &upstream.base_url(),
+        Duration::from_secs(120),
+        &[
+            ("CALLBACK_AUTH__MODE", "bearer"),
+            ("CALLBACK_AUTH__API_KEYS", KEY),
+        ],
+    )
+    .await?
+    else {
+        bail!("SQLite is always available");
+    };
+    let mut protected = 0;
+    for operation in doc.operations()? {
+        let method = reqwest::Method::from_bytes(operation.method.to_uppercase().as_bytes())?;
+        let at = format!("{method} {} with auth on", operation.path);
+        let responses = doc.responses(operation.op)?;
+        let named: BTreeSet<&str> = operation.op["security"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_object)
+            .flat_map(|requirement| requirement.keys().map(String::as_str))
+            .collect();
+        for name in &named {
+            ensure!(
+                schemes.contains_key(*name),
+                "{at}: no security scheme {name}"
+            );
+        }
+        if operation.listener == Listener::Admin {
+            ensure!(
+                named.is_empty() && !responses.contains_key(&401),
+                "{at}: the admin listener is never authenticated"
+            );
+            continue;
+        }
+        // The first example documented to succeed, or the plain request.
+        let (target, body, success) = match cases(&operation)?
+            .into_iter()
+            .find(|case| (200..300).contains(&case.status))
+        {
+            Some(case) => (case.target, case.body, case.status),
+            None => (
+                operation.path.to_owned(),
+                None,
+                *responses
+                    .keys()
+                    .find(|s| (200..300).contains(*s))
+                    .with_context(|| format!("{at}: no success response"))?,
+            ),
+        };
+        let body = || body.as_ref().map(|(t, b)| (t.as_str(), b.clone()));
+        let without = send(&service, Listener::Api, method.clone(), &target, body()).await?;
+        if named.is_empty() {
+            ensure!(
+                !responses.contains_key(&401),
+                "{at}: 401 is documented but the security names no scheme"
+            );
+            ensure!(
+                without.status == success,
+                "{at}: expected {success} without credentials, got {without}"
+            );
+            continue;
+        }
+        ensure!(
+            responses.contains_key(&401) && named.contains("apiKey"),
+            "{at}: a checked operation documents 401 and the apiKey scheme"
+        );
+        ensure!(
+            without.status == 401 && without.body["error"] == "unauthorized",
+            "{at}: expected 401 unauthorized without credentials, got {without}"
+        );
+        check_answer(&doc, &responses, &at, &without)?;
+        let challenge = without
+            .headers
+            .get("www-authenticate")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        doc.validate(challenge_schema, &Value::from(challenge), &at)?;
+        let key = [("authorization", format!("Bearer {KEY}"))];
+        let with =
+            send_with_headers(&service, Listener::Api, method, &target, body(), &key).await?;
+        // Past authentication, the request is served as without auth (an object not
+        // stored yet is a documented 404).
+        ensure!(
+            with.status != 401,
+            "{at}: expected the key to be accepted, got {with}"
+        );
+        check_answer(&doc, &responses, &at, &with)?;
+        protected += 1;
+    }
+    ensure!(
+        protected >= 3,
+        "only {protected} operations checked for credentials"
+    );
     drop(upstream);
     Ok(())
 }

@@ -43,6 +43,8 @@ async fn stores_an_id(service: &Service, id: i64) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_service_runs_over_tls_with_require_verify_ca_and_verify_full() -> anyhow::Result<()> {
+    // The binaries are built (once per test process) before the clock starts.
+    tests::bins();
     bounded(TEST_DEADLINE, async {
         let Some(server) = TlsPostgres::start().await? else {
             return Ok(());
@@ -124,6 +126,8 @@ async fn refused_at_start(url: &str, env: &[(&str, &str)]) -> anyhow::Result<Str
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_that_cannot_work_stop_the_service_at_start_with_their_cause() -> anyhow::Result<()>
 {
+    // The binaries are built (once per test process) before the clock starts.
+    tests::bins();
     bounded(TEST_DEADLINE, async {
         let Some(server) = TlsPostgres::start().await? else {
             return Ok(());
@@ -179,6 +183,8 @@ async fn settings_that_cannot_work_stop_the_service_at_start_with_their_cause() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_certificate_logs_in_a_role_authenticated_by_certificate() -> anyhow::Result<()> {
+    // The binaries are built (once per test process) before the clock starts.
+    tests::bins();
     bounded(TEST_DEADLINE, async {
         let Some(server) = TlsPostgres::start().await? else {
             return Ok(());

@@ -457,3 +457,55 @@ async fn work_left_by_a_killed_instance_joins_the_callbacks_trace_after_the_rest
     drop(restarted);
     Ok(())
 }
+
+/// With callers authenticated, a caller's `traceparent` does not continue its trace (it
+/// could otherwise force every request to be sampled): the request starts a trace of its
+/// own, unless `telemetry.trust_incoming_trace` says the callers are trusted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_auth_on_a_callers_trace_is_continued_only_when_trusted() -> anyhow::Result<()> {
+    const CALLER_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let upstream = serve(|req| online_answer(&req.path)).await?;
+    for (trust, continued) in [(None, false), (Some("true"), true)] {
+        let mut collector = Collector::start().await?;
+        let mut env = vec![
+            (
+                "CALLBACK_TELEMETRY__ZIPKIN_ENDPOINT",
+                collector.endpoint.as_str(),
+            ),
+            ("CALLBACK_AUTH__MODE", "bearer"),
+            ("CALLBACK_AUTH__API_KEYS", "trace-test-key"),
+        ];
+        if let Some(trust) = trust {
+            env.push(("CALLBACK_TELEMETRY__TRUST_INCOMING_TRACE", trust));
+        }
+        let service = Service::start(
+            Backend::Sqlite,
+            &format!("http://{upstream}"),
+            Duration::from_secs(600),
+            &env,
+        )
+        .await?
+        .context("sqlite is always available")?;
+        let response = http()
+            .post(service.url("/callback"))
+            .bearer_auth("trace-test-key")
+            .header(
+                "traceparent",
+                format!("00-{CALLER_TRACE}-00f067aa0ba902b7-01"),
+            )
+            .json(&json!({ "object_ids": [8] }))
+            .send()
+            .await?;
+        assert_eq!(response.status(), 202);
+        let spans = collector
+            .until(|spans| callback_span(spans).is_some())
+            .await?;
+        let span = callback_span(spans).expect("waited for");
+        assert_eq!(
+            text(span, "/traceId") == CALLER_TRACE,
+            continued,
+            "trust_incoming_trace = {trust:?}: {span:#}"
+        );
+    }
+    Ok(())
+}

@@ -38,6 +38,8 @@ fn workspace_root() -> anyhow::Result<PathBuf> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Before any reqwest client is built: reqwest has no rustls provider of its own.
+    tls::install_default_provider();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -98,6 +98,8 @@ pub struct Config {
     pub failures: FailuresSection,
     /// Logs, traces and heap profiling.
     pub telemetry: TelemetrySection,
+    /// Who may call the public API.
+    pub auth: AuthSection,
 }
 
 /// `[http]`.
@@ -220,6 +222,12 @@ pub struct UpstreamSection {
     pub breaker_failures: u32,
     /// How long an open breaker fetches nothing before it probes with one fetch.
     pub breaker_cool_down_ms: u64,
+    /// An `https://` upstream's private CA (PEM) instead of Mozilla's roots; empty: none.
+    pub tls_ca_file: String,
+    /// A client certificate (PEM) for an upstream that asks for one; empty: none.
+    pub tls_cert_file: String,
+    /// Its private key (PEM); empty: none.
+    pub tls_key_file: String,
 }
 
 impl Default for UpstreamSection {
@@ -236,6 +244,9 @@ impl Default for UpstreamSection {
             max_requests_per_second: 0,
             breaker_failures: 10,
             breaker_cool_down_ms: 5_000,
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
         }
     }
 }
@@ -338,6 +349,10 @@ pub struct TelemetrySection {
     /// Whether jemalloc samples allocations from the start, so `GET /debug/pprof/heap`
     /// answers (Linux only).
     pub heap_profiling: bool,
+    /// Whether a request's `traceparent` continues the caller's trace (and so decides its
+    /// sampling); unset: yes while `auth.mode` is `none`, no once callers are checked
+    /// ([`Config::trust_incoming_trace`]).
+    pub trust_incoming_trace: Option<bool>,
 }
 
 impl Default for TelemetrySection {
@@ -354,6 +369,7 @@ impl Default for TelemetrySection {
             zipkin_endpoint,
             sample_ratio,
             heap_profiling: true,
+            trust_incoming_trace: None,
         }
     }
 }
@@ -367,6 +383,7 @@ impl TelemetrySection {
             zipkin_endpoint,
             sample_ratio,
             heap_profiling: _,
+            trust_incoming_trace: _,
         } = self;
         TelemetryConfig {
             log_filter: log_filter.clone(),
@@ -376,6 +393,241 @@ impl TelemetrySection {
         }
     }
 }
+
+/// How callers of the public API authenticate (`auth.mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMode {
+    /// Nobody is checked.
+    #[default]
+    None,
+    /// `Authorization: Bearer <key>`, one of `auth.api_keys`.
+    Bearer,
+    /// Callbacks signed with one of `auth.webhook_secrets`; reads with a bearer key.
+    StandardWebhooks,
+}
+
+impl AuthMode {
+    fn name(self) -> &'static str {
+        match self {
+            AuthMode::None => "none",
+            AuthMode::Bearer => "bearer",
+            AuthMode::StandardWebhooks => "standard-webhooks",
+        }
+    }
+}
+
+/// `[auth]`: who may call the public API; off by default. The keys and secrets are never
+/// logged: `Debug` and [`Config::redacted_json`] show `***` for each.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSection {
+    /// `none`, `bearer` or `standard-webhooks`.
+    pub mode: AuthMode,
+    /// The bearer API keys accepted (a list, or one comma-separated string from the
+    /// environment).
+    #[serde(deserialize_with = "list_of_secrets")]
+    pub api_keys: Vec<String>,
+    /// The Standard Webhooks secrets (`whsec_<base64>`) callbacks may be signed with.
+    #[serde(deserialize_with = "list_of_secrets")]
+    pub webhook_secrets: Vec<String>,
+    /// How far a callback's `webhook-timestamp` may be from the service's clock.
+    pub tolerance_ms: u64,
+    /// Whether `GET /objects` and `GET /objects/{id}` need a bearer key too (auth on).
+    pub protect_reads: bool,
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::None,
+            api_keys: Vec::new(),
+            webhook_secrets: Vec::new(),
+            tolerance_ms: 300_000,
+            protect_reads: true,
+        }
+    }
+}
+
+impl std::fmt::Debug for AuthSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthSection")
+            .field("mode", &self.mode)
+            .field("api_keys", &redacted(&self.api_keys))
+            .field("webhook_secrets", &redacted(&self.webhook_secrets))
+            .field("tolerance_ms", &self.tolerance_ms)
+            .field("protect_reads", &self.protect_reads)
+            .finish()
+    }
+}
+
+/// `***` for each secret of `list`.
+fn redacted(list: &[String]) -> Vec<&'static str> {
+    vec!["***"; list.len()]
+}
+
+/// The shortest `auth.tolerance_ms`: `webhook-timestamp` is in whole seconds.
+const MIN_TOLERANCE_MS: u64 = 1_000;
+
+impl AuthSection {
+    /// What the HTTP layer enforces; fails naming the key at fault, never showing a secret.
+    pub fn transport(&self) -> anyhow::Result<http_transport::AuthConfig> {
+        let api_keys = self
+            .api_keys
+            .iter()
+            .enumerate()
+            .map(|(n, key)| {
+                http_transport::ApiKey::new(key).map_err(|err| {
+                    anyhow::anyhow!("invalid configuration: auth.api_keys[{n}] {err}")
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let webhook_secrets = self
+            .webhook_secrets
+            .iter()
+            .enumerate()
+            .map(|(n, secret)| {
+                http_transport::WebhookSecret::parse(secret).map_err(|err| {
+                    anyhow::anyhow!("invalid configuration: auth.webhook_secrets[{n}] {err}")
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mode = self.mode.name();
+        let mode = match self.mode {
+            AuthMode::None => http_transport::AuthMode::None,
+            AuthMode::Bearer => {
+                if api_keys.is_empty() {
+                    bail!(
+                        "invalid configuration: auth.api_keys must list at least one key when auth.mode is \"{mode}\""
+                    );
+                }
+                http_transport::AuthMode::Bearer
+            }
+            AuthMode::StandardWebhooks => {
+                if webhook_secrets.is_empty() {
+                    bail!(
+                        "invalid configuration: auth.webhook_secrets must list at least one whsec_ secret when auth.mode is \"{mode}\""
+                    );
+                }
+                if self.protect_reads && api_keys.is_empty() {
+                    bail!(
+                        "invalid configuration: auth.api_keys must list at least one key when auth.mode is \"{mode}\" and auth.protect_reads is true (reads have no body to sign: they take a bearer key); or set auth.protect_reads = false"
+                    );
+                }
+                http_transport::AuthMode::StandardWebhooks
+            }
+        };
+        if self.tolerance_ms < MIN_TOLERANCE_MS {
+            bail!(
+                "invalid configuration: auth.tolerance_ms ({}) must be at least {MIN_TOLERANCE_MS}: webhook-timestamp is in whole seconds",
+                self.tolerance_ms
+            );
+        }
+        Ok(http_transport::AuthConfig {
+            mode,
+            api_keys,
+            webhook_secrets,
+            tolerance: ms(self.tolerance_ms),
+            protect_reads: self.protect_reads,
+            ..http_transport::AuthConfig::default()
+        })
+    }
+}
+
+/// A list of secrets: a TOML array, or one string of comma-separated items (how a list
+/// arrives from an environment variable, `CALLBACK_AUTH__API_KEYS=key1,key2`). Errors never
+/// show the values.
+fn list_of_secrets<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<String>, D::Error> {
+    struct Secrets;
+    impl<'de> serde::de::Visitor<'de> for Secrets {
+        type Value = Vec<String>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a list of strings, or one string of comma-separated items")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Vec<String>, E> {
+            Ok(text
+                .split(',')
+                .map(str::trim)
+                .filter(|item| !item.is_empty())
+                .map(str::to_owned)
+                .collect())
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Vec<String>, A::Error> {
+            let mut items = Vec::new();
+            while let Some(item) = seq.next_element::<Secret>()? {
+                items.push(item.0);
+            }
+            Ok(items)
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Vec<String>, E> {
+            Err(E::custom(NOT_TEXT))
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Vec<String>, E> {
+            Err(E::custom(NOT_TEXT))
+        }
+
+        fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Vec<String>, E> {
+            Err(E::custom(NOT_TEXT))
+        }
+
+        fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Vec<String>, E> {
+            Err(E::custom(NOT_TEXT))
+        }
+    }
+
+    /// One item of the list, which must be a string.
+    struct Secret(String);
+    impl<'de> Deserialize<'de> for Secret {
+        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            struct Item;
+            impl serde::de::Visitor<'_> for Item {
+                type Value = Secret;
+
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("a string")
+                }
+
+                fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Secret, E> {
+                    Ok(Secret(text.to_owned()))
+                }
+
+                fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Secret, E> {
+                    Err(E::custom(NOT_TEXT))
+                }
+
+                fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Secret, E> {
+                    Err(E::custom(NOT_TEXT))
+                }
+
+                fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Secret, E> {
+                    Err(E::custom(NOT_TEXT))
+                }
+
+                fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Secret, E> {
+                    Err(E::custom(NOT_TEXT))
+                }
+            }
+            deserializer.deserialize_any(Item)
+        }
+    }
+
+    deserializer.deserialize_any(Secrets)
+}
+
+/// What a key or secret that was read as a number or a boolean is told (without its value).
+const NOT_TEXT: &str = "each key or secret must be a string: one made only of digits or \
+     `true`/`false` is read as a number or a boolean, so quote it (in the environment as \
+     [\"…\"])";
 
 impl Config {
     /// Reads every source in order, later wins, and checks the result.
@@ -461,6 +713,7 @@ impl Config {
                 "invalid configuration: upstream.base_url must be an http:// or https:// url, got {upstream:?}"
             );
         }
+        self.auth.transport()?;
         let url = &self.database.url;
         if !["sqlite://", "postgres://", "postgresql://"]
             .iter()
@@ -474,10 +727,27 @@ impl Config {
         Ok(self)
     }
 
+    /// Whether the public API continues a caller's trace: `telemetry.trust_incoming_trace`,
+    /// or, unset, only while callers are not authenticated (an unknown caller could
+    /// otherwise force every request to be sampled and exported).
+    pub fn trust_incoming_trace(&self) -> bool {
+        self.telemetry
+            .trust_incoming_trace
+            .unwrap_or(self.auth.mode == AuthMode::None)
+    }
+
     /// The configuration as JSON with secrets replaced, for the start-up log line.
     pub fn redacted_json(&self) -> String {
         let mut shown = self.clone();
         shown.database.url = redact_url(&shown.database.url);
+        for secret in shown
+            .auth
+            .api_keys
+            .iter_mut()
+            .chain(shown.auth.webhook_secrets.iter_mut())
+        {
+            "***".clone_into(secret);
+        }
         serde_json::to_string(&shown).unwrap_or_else(|e| format!("<unprintable: {e}>"))
     }
 }
@@ -595,7 +865,7 @@ mod tests {
             jail.set_env("CALLBACK_HTTP__LISTEN", "127.0.0.1:1");
             jail.set_env("CALLBACK_HTTP__MAX_IDS", "7");
             jail.set_env("CALLBACK_ADMIN__LISTEN", "127.0.0.1:2");
-            jail.set_env("CALLBACK_DATABASE__URL", "postgres://u:secret@db/x");
+            jail.set_env("CALLBACK_DATABASE__URL", "postgres://u:p4ssw0rd@db/x");
             jail.set_env(
                 "CALLBACK_TELEMETRY__ZIPKIN_ENDPOINT",
                 "http://127.0.0.1:9411/api/v2/spans",
@@ -608,7 +878,8 @@ mod tests {
                 config.telemetry.zipkin_endpoint,
                 "http://127.0.0.1:9411/api/v2/spans"
             );
-            assert!(!config.redacted_json().contains("secret"));
+            // (not "secret": `auth.webhook_secrets` is a key of the log line)
+            assert!(!config.redacted_json().contains("p4ssw0rd"));
 
             let config = Config::load(&flags(&[
                 "--admin-listen",
@@ -685,6 +956,172 @@ mod tests {
                 Ok(())
             });
         }
+    }
+
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    const OTHER_SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+
+    #[test]
+    fn auth_is_off_by_default_and_incoming_traces_are_trusted_only_then() {
+        Jail::expect_with(|jail| {
+            let config = Config::load(&Flags::default()).map_err(|e| e.to_string())?;
+            assert_eq!(config.auth.mode, AuthMode::None);
+            assert_eq!(config.auth.tolerance_ms, 300_000);
+            assert!(config.auth.protect_reads);
+            assert_eq!(config.telemetry.trust_incoming_trace, None);
+            assert!(config.trust_incoming_trace());
+            let transport = config.auth.transport().map_err(|e| e.to_string())?;
+            assert_eq!(transport.mode, http_transport::AuthMode::None);
+
+            jail.set_env("CALLBACK_AUTH__MODE", "bearer");
+            jail.set_env("CALLBACK_AUTH__API_KEYS", "key-one");
+            let config = Config::load(&Flags::default()).map_err(|e| e.to_string())?;
+            assert!(
+                !config.trust_incoming_trace(),
+                "auth on: a caller's trace is not trusted"
+            );
+            jail.set_env("CALLBACK_TELEMETRY__TRUST_INCOMING_TRACE", "true");
+            let config = Config::load(&Flags::default()).map_err(|e| e.to_string())?;
+            assert!(config.trust_incoming_trace(), "unless configured");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("CALLBACK_TELEMETRY__TRUST_INCOMING_TRACE", "false");
+            let config = Config::load(&Flags::default()).map_err(|e| e.to_string())?;
+            assert!(!config.trust_incoming_trace());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn auth_lists_are_toml_arrays_or_comma_separated_in_the_environment() {
+        Jail::expect_with(|jail| {
+            jail.set_env("CALLBACK_AUTH__MODE", "standard-webhooks");
+            jail.set_env("CALLBACK_AUTH__API_KEYS", " key-one, key-two ,");
+            jail.set_env(
+                "CALLBACK_AUTH__WEBHOOK_SECRETS",
+                format!("{SECRET},{OTHER_SECRET}"),
+            );
+            jail.set_env("CALLBACK_AUTH__TOLERANCE_MS", "60000");
+            jail.set_env("CALLBACK_AUTH__PROTECT_READS", "false");
+            let config = Config::load(&Flags::default()).map_err(|e| e.to_string())?;
+            assert_eq!(config.auth.mode, AuthMode::StandardWebhooks);
+            assert_eq!(config.auth.api_keys, ["key-one", "key-two"]);
+            assert_eq!(config.auth.webhook_secrets, [SECRET, OTHER_SECRET]);
+            let transport = config.auth.transport().map_err(|e| e.to_string())?;
+            assert_eq!(transport.mode, http_transport::AuthMode::StandardWebhooks);
+            assert_eq!(transport.api_keys.len(), 2);
+            assert_eq!(transport.webhook_secrets.len(), 2);
+            assert_eq!(transport.tolerance, Duration::from_secs(60));
+            assert!(!transport.protect_reads);
+
+            jail.set_env("CALLBACK_AUTH__API_KEYS", "[key-three,\"1234\"]");
+            let config = Config::load(&Flags::default()).map_err(|e| e.to_string())?;
+            assert_eq!(config.auth.api_keys, ["key-three", "1234"]);
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            std::fs::create_dir_all("config").map_err(|e| e.to_string())?;
+            jail.create_file(
+                DEFAULT_FILE,
+                &format!(
+                    "[auth]\nmode = \"bearer\"\napi_keys = [\"a\", \"b\"]\nwebhook_secrets = [\"{SECRET}\"]\n"
+                ),
+            )?;
+            let config = Config::load(&Flags::default()).map_err(|e| e.to_string())?;
+            assert_eq!(config.auth.mode, AuthMode::Bearer);
+            assert_eq!(config.auth.api_keys, ["a", "b"]);
+            assert_eq!(config.auth.webhook_secrets, [SECRET]);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_auth_configuration_names_the_key_and_never_shows_a_secret() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("CALLBACK_AUTH__MODE", "oauth")], "auth.mode"),
+            (
+                &[("CALLBACK_AUTH__MODE", "bearer")],
+                "auth.api_keys must list",
+            ),
+            (
+                &[
+                    ("CALLBACK_AUTH__MODE", "standard-webhooks"),
+                    ("CALLBACK_AUTH__API_KEYS", "k"),
+                ],
+                "auth.webhook_secrets must list",
+            ),
+            (
+                &[
+                    ("CALLBACK_AUTH__MODE", "standard-webhooks"),
+                    ("CALLBACK_AUTH__WEBHOOK_SECRETS", SECRET),
+                ],
+                "auth.api_keys must list at least one key when auth.mode is \"standard-webhooks\" and auth.protect_reads is true",
+            ),
+            (
+                &[(
+                    "CALLBACK_AUTH__WEBHOOK_SECRETS",
+                    "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+                )],
+                "auth.webhook_secrets[0] must start with whsec_",
+            ),
+            (
+                &[(
+                    "CALLBACK_AUTH__WEBHOOK_SECRETS",
+                    &format!("{SECRET},whsec_MfKQ9r8GKY!!"),
+                )],
+                "auth.webhook_secrets[1] must be base64",
+            ),
+            (
+                &[("CALLBACK_AUTH__WEBHOOK_SECRETS", "whsec_c2hvcnQ=")],
+                "auth.webhook_secrets[0] decodes to 5 bytes",
+            ),
+            (
+                &[("CALLBACK_AUTH__API_KEYS", "[\"a key\"]")],
+                "auth.api_keys[0] must be visible ascii",
+            ),
+            (&[("CALLBACK_AUTH__API_KEYS", "987654321")], "auth.api_keys"),
+            (
+                &[("CALLBACK_AUTH__API_KEYS", "[\"k\",987654321]")],
+                "auth.api_keys",
+            ),
+            (
+                &[("CALLBACK_AUTH__TOLERANCE_MS", "999")],
+                "auth.tolerance_ms",
+            ),
+            (&[("CALLBACK_AUTH__TOLERANT_MS", "1")], "tolerant_ms"),
+        ];
+        for &(vars, key) in cases {
+            Jail::expect_with(|jail| {
+                for (var, value) in vars {
+                    jail.set_env(var, value);
+                }
+                let err = format!("{:#}", Config::load(&Flags::default()).unwrap_err());
+                assert!(err.contains(key), "{vars:?}: {err:?} does not name {key}");
+                for secret in ["MfKQ9r8GKY", "987654321", "a key"] {
+                    assert!(!err.contains(secret), "{vars:?}: a secret in {err:?}");
+                }
+                Ok(())
+            });
+        }
+    }
+
+    #[test]
+    fn auth_secrets_are_hidden_from_debug_and_the_start_up_log() {
+        let mut config = Config::default();
+        config.auth.mode = AuthMode::StandardWebhooks;
+        config.auth.api_keys = vec!["top-secret-key".to_owned()];
+        config.auth.webhook_secrets = vec![SECRET.to_owned(), OTHER_SECRET.to_owned()];
+        let shown = format!("{config:?}\n{}", config.redacted_json());
+        for secret in ["top-secret-key", SECRET, OTHER_SECRET] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        let logged: serde_json::Value = serde_json::from_str(&config.redacted_json()).unwrap();
+        assert_eq!(
+            logged["auth"]["webhook_secrets"],
+            serde_json::json!(["***", "***"])
+        );
+        assert_eq!(logged["auth"]["mode"], "standard-webhooks");
     }
 
     #[test]

@@ -23,6 +23,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, Flags, ms, redact_url};
 
 fn main() -> ExitCode {
+    // Before any reqwest client is built: reqwest has no rustls provider of its own, and
+    // PostgreSQL, the upstream and the exporter share this one (ring).
+    tls::install_default_provider();
     let flags = Flags::parse();
     let config = match Config::load(&flags) {
         Ok(config) => config,
@@ -109,6 +112,12 @@ async fn run(config: Config, metrics: telemetry::metrics::MetricsHandle) -> anyh
             // Every fetch in flight may hold a connection; keeping as many idle ones means
             // a burst never closes connections only to open them again for the next one.
             max_idle_per_host: config.upstream.max_in_flight,
+            tls_ca_file: path_setting(&config.upstream.tls_ca_file),
+            tls_identity: identity(
+                "upstream",
+                &config.upstream.tls_cert_file,
+                &config.upstream.tls_key_file,
+            )?,
             ..upstream_client::UpstreamConfig::default()
         })
         .context("upstream.base_url")?,
@@ -196,8 +205,11 @@ async fn run(config: Config, metrics: telemetry::metrics::MetricsHandle) -> anyh
         max_connections: config.http.max_connections,
         max_body_memory_bytes: config.http.max_body_memory_bytes,
         shutdown_grace: ms(config.http.shutdown_grace_ms),
+        auth: config.auth.transport()?,
+        trust_incoming_trace: config.trust_incoming_trace(),
         ..http_transport::HttpConfig::default()
     };
+    log_auth(&config);
     let api_server = tokio::spawn(http_transport::serve(
         api,
         app.clone(),
@@ -264,6 +276,29 @@ fn survive_file_size_limit() -> anyhow::Result<()> {
 #[cfg(unix)]
 const FILE_SIZE_LIMIT_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Says at start who may call the public API (counts only, never a key or a secret).
+fn log_auth(config: &Config) {
+    let auth = &config.auth;
+    let trust_incoming_trace = config.trust_incoming_trace();
+    match auth.mode {
+        config::AuthMode::None => {
+            tracing::info!(
+                trust_incoming_trace,
+                "auth.mode = none: every caller is let in"
+            );
+        }
+        mode => tracing::info!(
+            ?mode,
+            api_keys = auth.api_keys.len(),
+            webhook_secrets = auth.webhook_secrets.len(),
+            tolerance_ms = auth.tolerance_ms,
+            protect_reads = auth.protect_reads,
+            trust_incoming_trace,
+            "callers are authenticated"
+        ),
+    }
+}
+
 /// Waits for SIGINT or SIGTERM and names the one that came.
 async fn wait_for_signal() -> anyhow::Result<&'static str> {
     #[cfg(unix)]
@@ -282,6 +317,21 @@ async fn wait_for_signal() -> anyhow::Result<&'static str> {
             .await
             .context("cannot listen for Ctrl-C")?;
         Ok("Ctrl-C")
+    }
+}
+
+/// A client certificate from `{section}.tls_cert_file` and `{section}.tls_key_file`:
+/// both or neither.
+fn identity(section: &str, cert: &str, key: &str) -> anyhow::Result<Option<tls::Identity>> {
+    match (path_setting(cert), path_setting(key)) {
+        (Some(cert_file), Some(key_file)) => Ok(Some(tls::Identity {
+            cert_file,
+            key_file,
+        })),
+        (None, None) => Ok(None),
+        _ => anyhow::bail!(
+            "invalid configuration: {section}.tls_cert_file and {section}.tls_key_file go together; set both or neither"
+        ),
     }
 }
 

@@ -14,6 +14,8 @@ use reqwest::Url;
 use serde::{Deserialize, Serialize};
 use telemetry::TelemetryConfig;
 
+use crate::signing::{Credentials, WebhookKey};
+
 /// The file read after the built-in defaults, relative to the working directory.
 pub const DEFAULT_FILE: &str = "config/client-service.toml";
 
@@ -55,6 +57,12 @@ pub struct Flags {
     /// emitter.rounds: stop after this many callbacks (0 = never)
     #[arg(long, value_name = "N")]
     pub rounds: Option<u64>,
+    /// emitter.api_key: sent as Authorization: Bearer on every request (prefer CLIENT_EMITTER__API_KEY: flags show in ps)
+    #[arg(long, value_name = "KEY")]
+    pub api_key: Option<String>,
+    /// emitter.webhook_secret: whsec_… secret; every callback is signed as a Standard Webhook (prefer CLIENT_EMITTER__WEBHOOK_SECRET)
+    #[arg(long, value_name = "SECRET")]
+    pub webhook_secret: Option<String>,
 }
 
 impl Flags {
@@ -85,6 +93,12 @@ impl Flags {
         }
         if let Some(v) = self.rounds {
             emitter.insert("rounds".into(), v.into());
+        }
+        if let Some(v) = &self.api_key {
+            emitter.insert("api_key".into(), v.clone().into());
+        }
+        if let Some(v) = &self.webhook_secret {
+            emitter.insert("webhook_secret".into(), v.clone().into());
         }
         Serialized::defaults(serde_json::json!({ "upstream": upstream, "emitter": emitter }))
     }
@@ -147,6 +161,29 @@ pub struct EmitterSection {
     pub report_delay_ms: u64,
     /// Stop after this many callbacks; 0 sends forever.
     pub rounds: u64,
+    /// A bearer API key for every request; empty sends none.
+    pub api_key: Secret,
+    /// A Standard Webhooks secret (`whsec_…`) signing every callback; empty signs nothing.
+    pub webhook_secret: Secret,
+}
+
+/// A key or secret from the configuration: shown as `***` by `Debug` (and in the start-up
+/// log line), never as itself.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl Secret {
+    /// The value, unless empty.
+    fn given(&self) -> Option<&str> {
+        Some(self.0.as_str()).filter(|v| !v.is_empty())
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "***" })
+    }
 }
 
 impl Default for EmitterSection {
@@ -160,6 +197,8 @@ impl Default for EmitterSection {
             timeout_ms: 1000,
             report_delay_ms: 4500,
             rounds: 0,
+            api_key: Secret::default(),
+            webhook_secret: Secret::default(),
         }
     }
 }
@@ -203,6 +242,8 @@ pub struct EmitterSettings {
     pub report_delay: Duration,
     /// Stop after this many rounds; 0 never stops.
     pub rounds: u64,
+    /// What every request proves itself with.
+    pub credentials: Credentials,
 }
 
 impl Config {
@@ -279,6 +320,21 @@ impl Config {
                 bail!("{key} must be greater than 0");
             }
         }
+        let api_key = emitter.api_key.given().map(str::to_owned);
+        if api_key
+            .as_deref()
+            .is_some_and(|key| !key.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            bail!("emitter.api_key must be visible ascii characters without spaces");
+        }
+        let webhook_key = emitter
+            .webhook_secret
+            .given()
+            .map(|secret| {
+                WebhookKey::parse(secret)
+                    .map_err(|err| anyhow::anyhow!("emitter.webhook_secret {err}"))
+            })
+            .transpose()?;
         if i64::try_from(emitter.id_max).is_err() {
             bail!(
                 "emitter.id_max ({}) must fit in a signed 64-bit integer",
@@ -294,6 +350,10 @@ impl Config {
             timeout: Duration::from_millis(emitter.timeout_ms),
             report_delay: Duration::from_millis(emitter.report_delay_ms),
             rounds: emitter.rounds,
+            credentials: Credentials {
+                api_key,
+                webhook_key,
+            },
         };
 
         if !upstream.enabled && !emitter.enabled {
@@ -308,9 +368,19 @@ impl Config {
         })
     }
 
-    /// The configuration as one JSON line, for the start-up log; it holds no secret.
+    /// The configuration as one JSON line, for the start-up log, the key and the secret
+    /// replaced by `***`.
     pub fn to_json(&self) -> String {
-        serde_json::to_string(self).unwrap_or_else(|e| format!("<unprintable: {e}>"))
+        let mut shown = self.clone();
+        for secret in [
+            &mut shown.emitter.api_key,
+            &mut shown.emitter.webhook_secret,
+        ] {
+            if !secret.0.is_empty() {
+                "***".clone_into(&mut secret.0);
+            }
+        }
+        serde_json::to_string(&shown).unwrap_or_else(|e| format!("<unprintable: {e}>"))
     }
 }
 
@@ -536,6 +606,54 @@ mod tests {
     }
 
     #[test]
+    fn credentials_come_from_env_or_flags_and_are_never_shown() {
+        const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        Jail::expect_with(|jail| {
+            let (_, settings) = load(&[])?;
+            assert_eq!(
+                settings.emitter.unwrap().credentials,
+                Credentials::default(),
+                "no credentials by default"
+            );
+
+            jail.set_env("CLIENT_EMITTER__API_KEY", "key-from-env");
+            jail.set_env("CLIENT_EMITTER__WEBHOOK_SECRET", SECRET);
+            let (config, settings) = load(&[])?;
+            let credentials = settings.emitter.unwrap().credentials;
+            assert_eq!(credentials.api_key.as_deref(), Some("key-from-env"));
+            assert_eq!(credentials.webhook_key, WebhookKey::parse(SECRET).ok());
+            let shown = format!("{config:?} {credentials:?} {}", config.to_json());
+            assert!(
+                !shown.contains("key-from-env")
+                    && !shown.contains("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+                "{shown}"
+            );
+
+            let (_, settings) = load(&["--api-key", "key-from-flag"])?;
+            assert_eq!(
+                settings.emitter.unwrap().credentials.api_key.as_deref(),
+                Some("key-from-flag")
+            );
+
+            jail.set_env(
+                "CLIENT_EMITTER__WEBHOOK_SECRET",
+                "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            );
+            let err = load(&[]).unwrap_err();
+            assert!(
+                err.contains("emitter.webhook_secret must start with whsec_"),
+                "{err}"
+            );
+            assert!(!err.contains("MfKQ9r8GKY"), "{err}");
+            jail.set_env("CLIENT_EMITTER__WEBHOOK_SECRET", "");
+            jail.set_env("CLIENT_EMITTER__API_KEY", "a key");
+            let err = load(&[]).unwrap_err();
+            assert!(err.contains("emitter.api_key"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn help_lists_every_flag() {
         let help = Flags::command().render_help().to_string();
         for flag in [
@@ -548,6 +666,8 @@ mod tests {
             "--interval-ms",
             "--no-emitter",
             "--rounds",
+            "--api-key",
+            "--webhook-secret",
         ] {
             assert!(help.contains(flag), "{flag} missing from --help:\n{help}");
         }

@@ -1,6 +1,7 @@
 //! The callback emitter: every interval, one `POST {"object_ids":[…]}` of random ids to
 //! callback-service; a little later, a look at what the service stored, reported as one
-//! [`RoundReport`] per round.
+//! [`RoundReport`] per round. With credentials, every request carries the API key
+//! (`Authorization: Bearer`) and every callback is signed as a Standard Webhook.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::EmitterSettings;
 use crate::report::{PostOutcome, RoundReport};
+use crate::signing::Credentials;
 
 /// How many stored objects one `GET /objects` page asks for.
 pub const PAGE_LIMIT: usize = 10_000;
@@ -39,6 +41,7 @@ pub async fn run(
     reports: mpsc::UnboundedSender<RoundReport>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    tls::install_default_provider();
     let client = reqwest::Client::builder()
         .connect_timeout(settings.timeout)
         .no_proxy()
@@ -95,11 +98,19 @@ async fn play_round(
     ids: Vec<u64>,
 ) -> RoundReport {
     let sent_at = Instant::now();
-    let post = post_callback(client, &settings.target, &ids, settings.timeout).await;
+    let credentials = &settings.credentials;
+    let post = post_callback(
+        client,
+        &settings.target,
+        &ids,
+        settings.timeout,
+        credentials,
+    )
+    .await;
     let latency = sent_at.elapsed();
     tracing::debug!(round, ids = ids.len(), outcome = ?post, ?latency, "callback sent");
     tokio::time::sleep_until(sent_at + settings.report_delay).await;
-    let stored = stored_ids(client, &settings.objects_url).await;
+    let stored = stored_ids(client, &settings.objects_url, credentials).await;
     if let Err(err) = &stored {
         tracing::debug!(round, error = %err, "cannot read what the service stored");
     }
@@ -126,19 +137,33 @@ struct AcceptedAnswer {
     distinct: Option<u64>,
 }
 
-/// POSTs `ids` to `target` and reads the answer.
+/// POSTs `ids` to `target`, with the credentials (a bearer key, Standard Webhooks headers
+/// signing the exact body sent), and reads the answer.
 async fn post_callback(
     client: &reqwest::Client,
     target: &Url,
     ids: &[u64],
     timeout: Duration,
+    credentials: &Credentials,
 ) -> PostOutcome {
-    let response = client
+    let body = match serde_json::to_vec(&Callback { object_ids: ids }) {
+        Ok(body) => body,
+        Err(err) => {
+            return PostOutcome::Failed {
+                error: format!("cannot write the callback: {err}"),
+            };
+        }
+    };
+    let mut request = client
         .post(target.clone())
         .timeout(timeout)
-        .json(&Callback { object_ids: ids })
-        .send()
-        .await;
+        .header(reqwest::header::CONTENT_TYPE, "application/json");
+    if let Some(key) = &credentials.webhook_key {
+        for (name, value) in key.headers(&body) {
+            request = request.header(name, value);
+        }
+    }
+    let response = with_api_key(request, credentials).body(body).send().await;
     let mut response = match response {
         Ok(response) => response,
         Err(err) => {
@@ -169,8 +194,23 @@ struct ObjectEntry {
     id: u64,
 }
 
+/// `request` with `Authorization: Bearer <api key>` when there is a key.
+fn with_api_key(
+    request: reqwest::RequestBuilder,
+    credentials: &Credentials,
+) -> reqwest::RequestBuilder {
+    match &credentials.api_key {
+        Some(key) => request.bearer_auth(key),
+        None => request,
+    }
+}
+
 /// Every id the service's `GET /objects` lists now, page after page.
-async fn stored_ids(client: &reqwest::Client, objects_url: &Url) -> Result<HashSet<u64>, String> {
+async fn stored_ids(
+    client: &reqwest::Client,
+    objects_url: &Url,
+    credentials: &Credentials,
+) -> Result<HashSet<u64>, String> {
     let mut stored = HashSet::new();
     let mut after = None;
     for _ in 0..MAX_PAGES {
@@ -182,8 +222,7 @@ async fn stored_ids(client: &reqwest::Client, objects_url: &Url) -> Result<HashS
             }
             query.append_pair("limit", &format!("{PAGE_LIMIT}"));
         }
-        let response = client
-            .get(url)
+        let response = with_api_key(client.get(url), credentials)
             .timeout(CHECK_TIMEOUT)
             .send()
             .await

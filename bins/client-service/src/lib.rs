@@ -8,6 +8,7 @@
 pub mod config;
 pub mod emitter;
 pub mod report;
+pub mod signing;
 pub mod simulator;
 
 use anyhow::Context as _;

@@ -9,6 +9,8 @@ use client_service::config::{Config, Flags};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
+    // Before any reqwest client is built: reqwest has no rustls provider of its own.
+    tls::install_default_provider();
     match start() {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

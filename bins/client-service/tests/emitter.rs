@@ -5,9 +5,10 @@ mod support;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use client_service::config::{Config, EmitterSection, EmitterSettings, UpstreamSection};
+use client_service::config::{Config, EmitterSection, EmitterSettings, Secret, UpstreamSection};
 use client_service::emitter;
 use client_service::report::{PostOutcome, RoundReport};
+use client_service::signing::WebhookKey;
 use support::FakeService;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -29,6 +30,7 @@ fn settings(target: String, tweak: impl FnOnce(&mut EmitterSection)) -> EmitterS
             report_delay_ms: 10,
             rounds: 3,
             enabled: true,
+            ..EmitterSection::default()
         },
         ..Config::default()
     };
@@ -129,6 +131,77 @@ async fn sends_the_configured_rounds_and_reports_each_one() {
         "{:?}",
         service.object_queries()
     );
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn with_credentials_each_callback_is_signed_over_its_body_and_each_request_has_the_key() {
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let (service, mut callbacks) = FakeService::start().await;
+    let (reports, mut received) = mpsc::unbounded_channel();
+    let settings = settings(service.callback_url(), |emitter| {
+        emitter.api_key = Secret("key-1".to_owned());
+        emitter.webhook_secret = Secret(SECRET.to_owned());
+    });
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    timeout(
+        PATIENCE,
+        emitter::run(settings, reports, CancellationToken::new()),
+    )
+    .await
+    .expect("the emitter stops after its rounds")
+    .unwrap();
+
+    let key = WebhookKey::parse(SECRET).unwrap();
+    let bodies = drain(&mut callbacks);
+    assert_eq!(bodies.len(), 3);
+    let mut ids = HashSet::new();
+    for callback in &bodies {
+        let header = |name: &str| callback.headers[name].to_str().unwrap().to_owned();
+        let id = header("webhook-id");
+        assert!(ids.insert(id.clone()), "a fresh webhook-id per send: {id}");
+        let timestamp: i64 = header("webhook-timestamp").parse().unwrap();
+        let lag = timestamp - i64::try_from(started).unwrap();
+        assert!((0..=10).contains(&lag), "the time of sending: {timestamp}");
+        assert_eq!(
+            header("webhook-signature"),
+            key.sign(&id, timestamp, &callback.raw),
+            "signed over the exact body sent"
+        );
+        assert_eq!(header("authorization"), "Bearer key-1");
+    }
+    assert_eq!(drain(&mut received).len(), 3);
+    let authorizations = service.object_authorizations();
+    assert!(!authorizations.is_empty());
+    assert!(
+        authorizations
+            .iter()
+            .all(|a| a.as_deref() == Some("Bearer key-1")),
+        "{authorizations:?}"
+    );
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn without_credentials_nothing_is_signed() {
+    let (service, mut callbacks) = FakeService::start().await;
+    let (reports, _received) = mpsc::unbounded_channel();
+    let settings = settings(service.callback_url(), |emitter| emitter.rounds = 1);
+    timeout(
+        PATIENCE,
+        emitter::run(settings, reports, CancellationToken::new()),
+    )
+    .await
+    .expect("the emitter stops after its round")
+    .unwrap();
+    let callback = drain(&mut callbacks).pop().expect("one callback");
+    for name in ["authorization", "webhook-id", "webhook-signature"] {
+        assert!(!callback.headers.contains_key(name), "{name}");
+    }
+    assert_eq!(service.object_authorizations(), [None]);
     service.stop().await;
 }
 

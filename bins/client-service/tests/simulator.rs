@@ -35,7 +35,10 @@ impl Running {
             addr,
             shutdown,
             task,
-            client: reqwest::Client::new(),
+            client: {
+                tls::install_default_provider();
+                reqwest::Client::new()
+            },
         }
     }
 

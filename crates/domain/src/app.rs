@@ -10,6 +10,7 @@ use crate::pipeline::{PipelineHandle, PipelineStats, SubmitError};
 use crate::ports::{
     Clock, DeadLetter, FailureFilter, FailureQuery, ObjectStore, StoreError, StoredObject,
 };
+use crate::time::Timestamp;
 
 /// What an accepted callback was recorded as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,6 +130,12 @@ impl Application {
                 retry_after: Duration::from_secs(1),
             }),
         }
+    }
+
+    /// The time now, as the application's clock tells it (the transport checks callers'
+    /// timestamps against it).
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
     }
 
     /// The stored object `id`, unless absent or past its TTL.

@@ -40,6 +40,12 @@ pub enum FetchError {
     /// No answer within the request timeout.
     #[error("upstream did not answer within {0:?}")]
     Timeout(Duration),
+    /// The TLS handshake failed: the upstream's certificate was refused (another CA,
+    /// another host name, expired) or the two sides share no protocol. Retried as an
+    /// outage is, so no id is lost while the setting is fixed; its own code tells the
+    /// operator it is a setting, not the network.
+    #[error("upstream TLS handshake failed: {0}")]
+    Tls(String),
     /// The upstream answered with a status other than 200.
     #[error("upstream answered status {0}")]
     Status(u16),
@@ -62,16 +68,18 @@ impl FetchError {
         match self {
             FetchError::Unreachable(_) => "unreachable",
             FetchError::Timeout(_) => "timeout",
+            FetchError::Tls(_) => "tls",
             FetchError::Status(_) => "status",
             FetchError::Malformed(_) => "malformed",
             FetchError::IdMismatch { .. } => "id_mismatch",
         }
     }
 
-    /// Whether trying again may succeed (connect errors, timeouts, 5xx and 429).
+    /// Whether trying again may succeed (connect errors, timeouts, TLS failures, 5xx and
+    /// 429).
     pub fn is_transient(&self) -> bool {
         match self {
-            FetchError::Unreachable(_) | FetchError::Timeout(_) => true,
+            FetchError::Unreachable(_) | FetchError::Timeout(_) | FetchError::Tls(_) => true,
             FetchError::Status(status) => *status == 429 || (500..=599).contains(status),
             FetchError::Malformed(_) | FetchError::IdMismatch { .. } => false,
         }

@@ -11,6 +11,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::Semaphore;
 
 use crate::HttpConfig;
+use crate::auth::Auth;
 use crate::callback::post_callback;
 use crate::error::ApiError;
 use crate::json::{ObjectJson, StatsJson, json_response};
@@ -35,6 +36,8 @@ pub(crate) struct ApiState {
     /// Bytes the callbacks in progress may hold together ([`HttpConfig::max_body_memory_bytes`]).
     pub(crate) body_memory: Arc<Semaphore>,
     pub(crate) body_memory_bytes: usize,
+    /// Who may call ([`HttpConfig::auth`]), and the `webhook-id`s seen.
+    pub(crate) auth: Auth,
 }
 
 impl ApiState {
@@ -50,6 +53,7 @@ impl ApiState {
                 config.max_body_memory_bytes.min(Semaphore::MAX_PERMITS),
             )),
             body_memory_bytes: config.max_body_memory_bytes,
+            auth: Auth::new(config.auth.clone()),
         }
     }
 }
@@ -169,6 +173,7 @@ async fn list_objects(
     req: Request<Incoming>,
     _: PathParams,
 ) -> HandlerResult {
+    state.auth.check_read(req.headers())?;
     let query = PageQuery::parse(req.uri().query())?;
     let objects: Vec<StoredObject> = state.app.objects(query.after, query.limit).await?;
     let next_after = if objects.len() >= query.limit {
@@ -188,9 +193,10 @@ async fn list_objects(
 /// The stored object `{id}`, or `404` when it is absent or expired.
 async fn get_object(
     state: Arc<ApiState>,
-    _: Request<Incoming>,
+    req: Request<Incoming>,
     params: PathParams,
 ) -> HandlerResult {
+    state.auth.check_read(req.headers())?;
     let raw = params.get("id").unwrap_or_default();
     let id = raw.parse::<ObjectId>().map_err(|err| {
         ApiError::InvalidObjectId(format!(

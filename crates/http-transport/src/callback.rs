@@ -22,12 +22,15 @@ struct AcceptedJson {
     accepted: usize,
 }
 
-/// Checks, reads, parses and submits one callback.
+/// Authenticates, checks, reads, verifies, parses and submits one callback.
 pub(crate) async fn post_callback(
     state: Arc<ApiState>,
     req: Request<Incoming>,
     _: PathParams,
 ) -> HandlerResult {
+    // Who is calling comes first: a caller without credentials learns nothing else. What
+    // the headers prove is checked now; a signature once the body is in.
+    let pending = state.auth.check_callback(req.headers(), state.app.now())?;
     require_json(req.headers())?;
     let limits = &state.limits;
     let declared = req.body().size_hint().lower();
@@ -62,8 +65,11 @@ pub(crate) async fn post_callback(
         }
         Ok(Ok(collected)) => collected.to_bytes(),
     };
+    // The signature covers the raw body: verified before it is parsed or recorded.
+    let admitted = pending.verify(&body)?;
     let ids: DistinctIds = parse_callback(&body, limits.max_ids)?.into_iter().collect();
     let accepted = state.app.accept_callback(ids).await?;
+    admitted.keep();
     json_response(
         StatusCode::ACCEPTED,
         &AcceptedJson {

@@ -22,6 +22,14 @@ pub(crate) enum ApiError {
     /// The request could not be read (400).
     #[error("{0}")]
     BadRequest(String),
+    /// The caller did not prove who it is (401); see `auth`.
+    #[error("{message}")]
+    Unauthorized {
+        /// What to tell the client: what is missing or wrong, never a secret.
+        message: String,
+        /// The value of the `WWW-Authenticate` header.
+        challenge: &'static str,
+    },
     /// An object id in the body or the path is not valid (422).
     #[error("{0}")]
     InvalidObjectId(String),
@@ -105,6 +113,7 @@ impl ApiError {
             ApiError::InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_json"),
             ApiError::InvalidQuery(_) => (StatusCode::BAD_REQUEST, "invalid_query"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::Unauthorized { .. } => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::InvalidObjectId(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_object_id"),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::UnsupportedMediaType(_) => {
@@ -161,6 +170,12 @@ impl ApiError {
             }
             ApiError::Unavailable { retry_after, .. } => {
                 headers.insert(header::RETRY_AFTER, retry_after_value(retry_after));
+            }
+            ApiError::Unauthorized { challenge, .. } => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(challenge),
+                );
             }
             _ => {}
         }

@@ -8,6 +8,7 @@
 
 mod admin;
 mod api;
+mod auth;
 mod callback;
 mod error;
 mod failures;
@@ -26,6 +27,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use admin::{CpuProfileFormat, Profile, ProfileError, Profiler};
+pub use auth::{ApiKey, AuthConfig, AuthMode, CredentialError, WebhookSecret};
 
 /// Limits and timeouts of the public HTTP listener.
 ///
@@ -55,6 +57,12 @@ pub struct HttpConfig {
     pub shutdown_grace: Duration,
     /// How often an idle HTTP/2 connection is pinged to find dead peers; `None` disables it.
     pub http2_keep_alive_interval: Option<Duration>,
+    /// Who may call the API; nobody is checked by default. `GET /` (health) never is.
+    pub auth: AuthConfig,
+    /// Whether a request's `traceparent` (or B3 headers) continues the caller's trace, and
+    /// so decides whether it is sampled; when `false` every request starts a trace of its
+    /// own, sampled at the configured ratio.
+    pub trust_incoming_trace: bool,
 }
 
 impl Default for HttpConfig {
@@ -68,6 +76,8 @@ impl Default for HttpConfig {
             max_body_memory_bytes: 64 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(10),
             http2_keep_alive_interval: Some(Duration::from_secs(30)),
+            auth: AuthConfig::default(),
+            trust_incoming_trace: true,
         }
     }
 }
@@ -85,8 +95,10 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let settings = server::Settings::from(&config);
+    metrics::register_auth_rejections();
     let state = Arc::new(api::ApiState::new(app, &config));
-    server::run("api", listener, api::router(), state, settings, shutdown).await
+    let router = api::router().trusting_incoming_trace(config.trust_incoming_trace);
+    server::run("api", listener, router, state, settings, shutdown).await
 }
 
 /// Renders every metric in the Prometheus text exposition format for `GET /metrics`.

@@ -10,6 +10,9 @@ pub const HTTP_REQUESTS: &str = "http_requests_total";
 /// Time from a request's arrival to its response, by `route` and `method`.
 pub const HTTP_REQUEST_DURATION: &str = "http_request_duration_seconds";
 
+/// Requests answered `401` for want of valid credentials, by `reason`.
+pub const AUTH_REJECTIONS: &str = "auth_rejections_total";
+
 /// Callbacks refused, by `reason` (the domain counts the others under the same name).
 const CALLBACKS_REJECTED: &str = "callbacks_rejected_total";
 
@@ -28,6 +31,24 @@ pub fn describe() {
         Unit::Seconds,
         "time from a request's arrival to its response, by route pattern and method"
     );
+    describe_counter!(
+        AUTH_REJECTIONS,
+        Unit::Count,
+        "requests answered 401 for want of valid credentials, by reason (missing, invalid, expired, replayed)"
+    );
+}
+
+/// Registers every `auth_rejections_total` series at zero, so they show before the first
+/// rejection.
+pub(crate) fn register_auth_rejections() {
+    for reason in crate::auth::Reason::ALL {
+        counter!(AUTH_REJECTIONS, "reason" => reason.label()).increment(0);
+    }
+}
+
+/// Counts a request refused for want of valid credentials.
+pub(crate) fn auth_rejected(reason: &'static str) {
+    counter!(AUTH_REJECTIONS, "reason" => reason).increment(1);
 }
 
 /// Counts a callback refused because the bodies in progress hold the whole memory budget.
@@ -71,6 +92,7 @@ fn status_label(status: StatusCode) -> SharedString {
         200 => "200",
         202 => "202",
         400 => "400",
+        401 => "401",
         404 => "404",
         405 => "405",
         408 => "408",

@@ -53,6 +53,8 @@ pub(crate) struct Router<S> {
     routes: Vec<Route<S>>,
     /// Whether requests are counted in the HTTP series.
     metered: bool,
+    /// Whether a request's `traceparent` continues the caller's trace.
+    trust_incoming_trace: bool,
 }
 
 impl<S> std::fmt::Debug for Router<S> {
@@ -115,7 +117,16 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
         Self {
             routes: Vec::new(),
             metered: true,
+            trust_incoming_trace: true,
         }
+    }
+
+    /// Whether a request's trace context (`traceparent`, B3) continues the caller's trace
+    /// and so decides whether it is sampled (the default), or is ignored: every request
+    /// then starts a trace of its own, sampled at the configured ratio.
+    pub(crate) fn trusting_incoming_trace(mut self, trust: bool) -> Self {
+        self.trust_incoming_trace = trust;
+        self
     }
 
     /// Leaves this router's requests out of the HTTP series (the admin listener: scrapes
@@ -173,7 +184,8 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
     ///
     /// Every request runs in a `request` span named `{method} {route}` for trace export,
     /// with `method`, `path`, `route` and `status`; it continues the caller's trace when
-    /// the request carries a `traceparent`. The span is at `info` on metered routers (the
+    /// the request carries a `traceparent` and the router trusts it
+    /// ([`Router::trusting_incoming_trace`]). The span is at `info` on metered routers (the
     /// traffic being traced) and at `debug` on the others (scrapes and operator calls).
     pub(crate) async fn dispatch(&self, state: S, req: Request<Incoming>) -> Reply {
         let resolved = self.resolve(req.method(), req.uri().path());
@@ -206,7 +218,9 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
                 status = tracing::field::Empty,
             )
         };
-        trace_context::set_parent(&span, req.headers());
+        if self.trust_incoming_trace {
+            trace_context::set_parent(&span, req.headers());
+        }
         self.dispatch_in_span(state, req, resolved, method, route)
             .instrument(span)
             .await

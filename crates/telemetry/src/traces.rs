@@ -56,6 +56,8 @@ impl Exporter {
         sample_ratio: f64,
         service: Service,
     ) -> Result<Self, InitError> {
+        // An https collector: reqwest takes the process's rustls provider.
+        tls::install_default_provider();
         let client = reqwest::blocking::Client::builder()
             .timeout(EXPORT_TIMEOUT)
             .no_proxy()

@@ -45,6 +45,20 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::clone(PROVIDER.get_or_init(|| Arc::new(make())))
 }
 
+/// Makes [`provider`] the process's default rustls provider, once; later calls do nothing.
+///
+/// reqwest is built without a provider of its own (its `rustls-no-provider` feature, so
+/// that aws-lc-rs is not built): any reqwest client that is not handed a configuration
+/// from [`client_config`] (a plain `reqwest::Client::new()`) takes the process default,
+/// and panics when there is none. Every binary calls this first thing; so do the test and
+/// tool harnesses before they build a client.
+pub fn install_default_provider() {
+    if CryptoProvider::get_default().is_none() {
+        // Another thread may have won the race: its provider is ours too.
+        let _ = CryptoProvider::install_default((*provider()).clone());
+    }
+}
+
 /// How much of the server's certificate a client checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verification {
@@ -248,23 +262,19 @@ pub fn server_config(identity: &Identity) -> Result<rustls::ServerConfig, TlsErr
 /// refused, a protocol the two sides do not share, an alert from the peer. I/O errors
 /// (a reset during the handshake) are not: they are the network's.
 pub fn is_permanent(err: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(err);
-    while let Some(err) = cause {
-        if err.is::<rustls::Error>() {
-            return true;
-        }
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            // tokio-rustls reports rustls's errors as `InvalidData` I/O errors around them.
-            if io
-                .get_ref()
-                .is_some_and(|inner| inner.is::<rustls::Error>())
-            {
-                return true;
-            }
-        }
-        cause = err.source();
+    if err.is::<rustls::Error>() {
+        return true;
     }
-    false
+    // tokio-rustls reports rustls's errors as I/O errors around them, and an I/O error's
+    // `source()` skips what it wraps (it answers the wrapped error's source): look inside.
+    if let Some(inner) = err
+        .downcast_ref::<std::io::Error>()
+        .and_then(std::io::Error::get_ref)
+        && is_permanent(inner)
+    {
+        return true;
+    }
+    err.source().is_some_and(is_permanent)
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {

@@ -247,6 +247,10 @@ fn permanent_tls_errors_are_told_from_io_errors() {
     assert!(is_permanent(&refused));
     let wrapped = std::io::Error::new(std::io::ErrorKind::InvalidData, refused);
     assert!(is_permanent(&wrapped));
+    // Wrapped twice, as hyper's connector does.
+    let twice = std::io::Error::other(wrapped);
+    assert!(is_permanent(&twice));
     let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
     assert!(!is_permanent(&reset));
+    assert!(!is_permanent(&std::io::Error::other(reset)));
 }

@@ -26,6 +26,8 @@ fn config(base_url: String) -> UpstreamConfig {
         retry_max_delay: 50 * MS,
         max_idle_per_host: 8,
         max_requests_per_second: 0,
+        tls_ca_file: None,
+        tls_identity: None,
     }
 }
 

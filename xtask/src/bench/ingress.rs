@@ -42,7 +42,12 @@ struct Tally {
     last_sent: BTreeMap<i64, i64>,
 }
 
-async fn run_load(api: SocketAddr, seconds: Duration, connections: usize) -> anyhow::Result<Tally> {
+async fn run_load(
+    api: SocketAddr,
+    seconds: Duration,
+    connections: usize,
+    credentials: &load::Credentials,
+) -> anyhow::Result<Tally> {
     let client = load::client(Duration::from_secs(5))?;
     let bodies: Arc<Vec<(Vec<i64>, String)>> = Arc::new(
         (0..64)
@@ -58,6 +63,7 @@ async fn run_load(api: SocketAddr, seconds: Duration, connections: usize) -> any
     let workers: Vec<_> = (0..connections)
         .map(|worker| {
             let (client, bodies, url) = (client.clone(), bodies.clone(), url.clone());
+            let credentials = credentials.clone();
             tokio::spawn(async move {
                 let mut tally = Tally::default();
                 // The latest accepted send of each body, turned into per-id times at the
@@ -68,7 +74,8 @@ async fn run_load(api: SocketAddr, seconds: Duration, connections: usize) -> any
                 while Instant::now() < end {
                     n += connections;
                     let which = n % bodies.len();
-                    let posted = load::post(&client, &url, bodies[which].1.clone()).await;
+                    let body = bodies[which].1.clone();
+                    let posted = load::post_with(&client, &url, body, &credentials).await;
                     match posted.answer {
                         Answer::Accepted => {
                             tally.accepted += 1;
@@ -132,15 +139,20 @@ async fn kept_up(api: SocketAddr, owed: &BTreeMap<i64, i64>) -> anyhow::Result<O
 
 /// One callback per connection at once, then waits until their ids are stored: the
 /// connections, pools and caches a running service holds exist before RSS is read.
-async fn warm_up(api: SocketAddr, connections: usize) -> anyhow::Result<()> {
+async fn warm_up(
+    api: SocketAddr,
+    connections: usize,
+    credentials: &load::Credentials,
+) -> anyhow::Result<()> {
     let client = load::client(Duration::from_secs(5))?;
     let url = format!("http://{api}/callback");
     let mut posts = tokio::task::JoinSet::new();
     for seed in 0..connections {
-        let (client, url) = (client.clone(), url.clone());
+        let (client, url, credentials) = (client.clone(), url.clone(), credentials.clone());
         let ids = load::reference_ids(seed as u64 + 1_000);
         posts.spawn(async move {
-            let posted = load::post(&client, &url, load::body(ids.iter().copied())).await;
+            let body = load::body(ids.iter().copied());
+            let posted = load::post_with(&client, &url, body, &credentials).await;
             (ids, posted)
         });
     }
@@ -177,24 +189,29 @@ pub async fn run(
     seconds: Duration,
     connections: usize,
     trace_sample: Option<f64>,
+    auth: load::Auth,
 ) -> anyhow::Result<Outcome> {
     let options = StackOptions {
         latency_ms: (0, 5),
         ttl_ms: None,
         trace_sample,
     };
-    let mut stack = Stack::start(bins, cluster, "ingress", options).await?;
+    let mut stack =
+        Stack::start_with_env(bins, cluster, "ingress", options, &auth.service_env()).await?;
     eprintln!(
-        "bench: ingress, {connections} connections, {} s, traces {}",
+        "bench: ingress, {connections} connections, {} s, traces {}, auth {auth:?}",
         seconds.as_secs(),
         trace_sample.map_or("off".to_owned(), |r| format!("exported, sampled at {r}"))
     );
+    let credentials = auth.credentials();
     let rss_fresh = stack.service.rss_bytes();
-    warm_up(stack.api, connections).await.context("warm up")?;
+    warm_up(stack.api, connections, &credentials)
+        .await
+        .context("warm up")?;
     let rss_start = stack.service.rss_bytes();
     let cpu = stack.service.cpu_meter();
     let wall = Instant::now();
-    let tally = run_load(stack.api, seconds, connections).await?;
+    let tally = run_load(stack.api, seconds, connections, &credentials).await?;
     let elapsed = wall.elapsed();
     let cpu_percent = cpu.percent(&stack.service);
     stack.ensure_running()?;
@@ -312,6 +329,7 @@ pub async fn run(
     let json = json!({
         "scenario": "ingress",
         "connections": connections,
+        "auth": format!("{auth:?}"),
         "seconds": num(elapsed.as_secs_f64()),
         "accepted": tally.accepted,
         "accepted_per_s": per_second.round(),

@@ -24,6 +24,7 @@ pub fn now_micros() -> i64 {
 
 /// An HTTP/1.1 keep-alive client whose requests give up after `timeout`.
 pub fn client(timeout: Duration) -> anyhow::Result<reqwest::Client> {
+    tls::install_default_provider();
     Ok(reqwest::Client::builder()
         .timeout(timeout)
         .pool_idle_timeout(Duration::from_secs(30))
@@ -87,11 +88,21 @@ pub struct Posted {
 
 /// Posts `body` to `url` and reads the whole answer.
 pub async fn post(client: &reqwest::Client, url: &str, body: String) -> Posted {
+    post_with(client, url, body, &Credentials::None).await
+}
+
+/// [`post`] with `credentials`; signing is part of the measured latency.
+pub async fn post_with(
+    client: &reqwest::Client,
+    url: &str,
+    body: String,
+    credentials: &Credentials,
+) -> Posted {
     let sent_us = now_micros();
     let started = Instant::now();
-    let response = client
-        .post(url)
-        .header("content-type", "application/json")
+    let request = client.post(url).header("content-type", "application/json");
+    let response = credentials
+        .apply(request, body.as_bytes())
         .body(body)
         .send()
         .await;
@@ -111,6 +122,104 @@ pub async fn post(client: &reqwest::Client, url: &str, body: String) -> Posted {
         sent_us,
         answered_us: now_micros(),
         latency: started.elapsed(),
+    }
+}
+
+/// How the service under load authenticates its callers (`--auth`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Auth {
+    /// `auth.mode = "none"`, the default.
+    #[default]
+    None,
+    /// `auth.mode = "bearer"`: every callback carries the bench's API key.
+    Bearer,
+    /// `auth.mode = "standard-webhooks"`: every callback is signed (its own `webhook-id`,
+    /// the time of sending, an HMAC-SHA256 over its body).
+    StandardWebhooks,
+}
+
+/// The bench's API key (loopback only).
+const BENCH_API_KEY: &str = "callback-service-bench-key";
+/// The bench's Standard Webhooks secret: 40 bytes (loopback only).
+const BENCH_SECRET: &str = "whsec_Y2FsbGJhY2stc2VydmljZSBiZW5jaCBzZWNyZXQsIDQwIGJ5dGVzIQ==";
+
+impl Auth {
+    /// The service's `CALLBACK_AUTH__…` variables for this mode. Reads stay open
+    /// (`auth.protect_reads = false`): they are the bench's own checks, not the load.
+    pub fn service_env(self) -> Vec<(&'static str, String)> {
+        let mode = match self {
+            Auth::None => return Vec::new(),
+            Auth::Bearer => "bearer",
+            Auth::StandardWebhooks => "standard-webhooks",
+        };
+        vec![
+            ("CALLBACK_AUTH__MODE", mode.to_owned()),
+            ("CALLBACK_AUTH__API_KEYS", BENCH_API_KEY.to_owned()),
+            ("CALLBACK_AUTH__WEBHOOK_SECRETS", BENCH_SECRET.to_owned()),
+            ("CALLBACK_AUTH__PROTECT_READS", "false".to_owned()),
+        ]
+    }
+
+    /// What the load generator sends for this mode.
+    pub fn credentials(self) -> Credentials {
+        match self {
+            Auth::None => Credentials::None,
+            Auth::Bearer => Credentials::Bearer(format!("Bearer {BENCH_API_KEY}")),
+            Auth::StandardWebhooks => {
+                use base64::Engine as _;
+                use hmac::KeyInit as _;
+                let encoded = BENCH_SECRET.trim_start_matches("whsec_");
+                let key = base64::engine::general_purpose::STANDARD
+                    .decode(encoded)
+                    .expect("the bench secret is base64");
+                Credentials::Webhook(Box::new(
+                    hmac::Hmac::new_from_slice(&key).expect("HMAC takes any key size"),
+                ))
+            }
+        }
+    }
+}
+
+/// The credentials of every callback the load generator sends.
+#[derive(Debug, Clone)]
+pub enum Credentials {
+    /// None.
+    None,
+    /// The whole `Authorization` value.
+    Bearer(String),
+    /// The HMAC keyed with the secret, set up once and cloned per callback (a clone and
+    /// one pass over a ~1 KB body, a few µs: signing is not what limits the load).
+    Webhook(Box<hmac::Hmac<sha2::Sha256>>),
+}
+
+impl Credentials {
+    /// `request` with the headers that authenticate `body`; the timestamp is the time of
+    /// sending, so it is always inside the service's tolerance.
+    pub fn apply(&self, request: reqwest::RequestBuilder, body: &[u8]) -> reqwest::RequestBuilder {
+        use base64::Engine as _;
+        use hmac::Mac as _;
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        match self {
+            Credentials::None => request,
+            Credentials::Bearer(value) => request.header("authorization", value),
+            Credentials::Webhook(keyed) => {
+                let n = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let id = format!("msg_bench_{}_{n}", std::process::id());
+                let timestamp = now_micros() / 1_000_000;
+                let mut mac = (**keyed).clone();
+                mac.update(format!("{id}.{timestamp}.").as_bytes());
+                mac.update(body);
+                let tag = mac.finalize().into_bytes();
+                let signature = format!(
+                    "v1,{}",
+                    base64::engine::general_purpose::STANDARD.encode(tag)
+                );
+                request
+                    .header("webhook-id", id)
+                    .header("webhook-timestamp", timestamp.to_string())
+                    .header("webhook-signature", signature)
+            }
+        }
     }
 }
 
@@ -219,6 +328,58 @@ mod tests {
         assert_eq!(ids.len(), 200);
         assert!(ids.iter().all(|id| (0..100).contains(id)));
         assert_eq!(ids, reference_ids(7), "a seed gives the same callback");
+    }
+
+    #[test]
+    fn callbacks_are_signed_as_the_specification_says() {
+        use base64::Engine as _;
+        use hmac::{KeyInit as _, Mac as _};
+        let body = br#"{"object_ids":[1]}"#;
+        let http = client(Duration::from_secs(1)).unwrap();
+        let request = Auth::StandardWebhooks
+            .credentials()
+            .apply(http.post("http://127.0.0.1:1/callback"), body)
+            .build()
+            .unwrap();
+        let header = |name: &str| request.headers()[name].to_str().unwrap().to_owned();
+        let (id, timestamp) = (header("webhook-id"), header("webhook-timestamp"));
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(BENCH_SECRET.trim_start_matches("whsec_"))
+            .unwrap();
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+        mac.update(format!("{id}.{timestamp}.").as_bytes());
+        mac.update(body);
+        let expected =
+            base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+        assert_eq!(header("webhook-signature"), format!("v1,{expected}"));
+        let again = Auth::StandardWebhooks
+            .credentials()
+            .apply(http.post("http://127.0.0.1:1/callback"), body)
+            .build()
+            .unwrap();
+        assert_ne!(
+            again.headers()["webhook-id"],
+            id.as_str(),
+            "an id per callback"
+        );
+        let sent: i64 = timestamp.parse().unwrap();
+        assert!((now_micros() / 1_000_000 - sent).abs() <= 1);
+
+        let bearer = Auth::Bearer
+            .credentials()
+            .apply(http.post("http://127.0.0.1:1/callback"), body)
+            .build()
+            .unwrap();
+        assert_eq!(
+            bearer.headers()["authorization"],
+            "Bearer callback-service-bench-key"
+        );
+        assert!(Auth::None.service_env().is_empty());
+        assert!(
+            Auth::StandardWebhooks
+                .service_env()
+                .contains(&("CALLBACK_AUTH__MODE", "standard-webhooks".to_owned()))
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -86,6 +86,11 @@ pub struct Args {
     /// callbacks; compare with a run without it for what telemetry costs
     #[arg(long, value_name = "RATIO")]
     trace_sample: Option<f64>,
+    /// ingress: run the service with this auth.mode and send valid credentials (a bearer key,
+    /// or a Standard Webhooks signature per callback); compare with a run without it for
+    /// what authentication costs
+    #[arg(long, value_enum, default_value_t = load::Auth::None)]
+    auth: load::Auth,
 }
 
 /// What a benchmark measures.
@@ -157,6 +162,7 @@ async fn run_scenario(
                 args.seconds(20),
                 connections,
                 args.trace_sample,
+                args.auth,
             )
             .await
         }
@@ -310,5 +316,17 @@ mod tests {
         assert!(parse(&["nonsense"]).is_err());
         assert!(parse(&["--rates", "100,0"]).is_err(), "a zero rate");
         assert!(parse(&["--seconds", "0"]).is_err());
+        assert_eq!(parse(&[]).unwrap().auth, load::Auth::None);
+        assert_eq!(
+            parse(&["ingress", "--auth", "standard-webhooks"])
+                .unwrap()
+                .auth,
+            load::Auth::StandardWebhooks
+        );
+        assert_eq!(
+            parse(&["--auth", "bearer"]).unwrap().auth,
+            load::Auth::Bearer
+        );
+        assert!(parse(&["--auth", "basic"]).is_err());
     }
 }

@@ -300,6 +300,17 @@ impl Stack {
         scenario: &str,
         options: StackOptions,
     ) -> anyhow::Result<Self> {
+        Self::start_with_env(bins, cluster, scenario, options, &[]).await
+    }
+
+    /// [`Stack::start`] with more `CALLBACK_…` variables for the service (`--auth`).
+    pub async fn start_with_env(
+        bins: &Bins,
+        cluster: Option<&Cluster>,
+        scenario: &str,
+        options: StackOptions,
+        service_env: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
         let work = WorkDir(
             std::env::temp_dir().join(format!("callback-bench-{}-{scenario}", std::process::id())),
         );
@@ -335,6 +346,7 @@ impl Stack {
         if let Some(ttl_ms) = options.ttl_ms {
             command.env("CALLBACK_EXPIRY__TTL_MS", ttl_ms.to_string());
         }
+        command.envs(service_env.iter().map(|(key, value)| (*key, value)));
         let zipkin = match options.trace_sample {
             Some(ratio) => {
                 let sink = super::zipkin::Sink::start().await?;

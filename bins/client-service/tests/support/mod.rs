@@ -25,6 +25,10 @@ pub struct ReceivedCallback {
     pub content_type: Option<String>,
     /// The body as JSON.
     pub body: serde_json::Value,
+    /// The body as sent.
+    pub raw: Bytes,
+    /// Every header.
+    pub headers: hyper::HeaderMap,
 }
 
 #[derive(Debug, Default)]
@@ -32,6 +36,7 @@ struct State {
     stored: Mutex<BTreeSet<u64>>,
     post_delay: Mutex<Duration>,
     object_queries: Mutex<Vec<String>>,
+    object_authorizations: Mutex<Vec<Option<String>>>,
 }
 
 /// The running fake; [`FakeService::stop`] ends it and every connection.
@@ -99,6 +104,11 @@ impl FakeService {
         self.state.object_queries.lock().unwrap().clone()
     }
 
+    /// The `authorization` header of every `GET /objects` so far.
+    pub fn object_authorizations(&self) -> Vec<Option<String>> {
+        self.state.object_authorizations.lock().unwrap().clone()
+    }
+
     /// Stops accepting, closes every connection and waits until all is gone.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
@@ -130,6 +140,7 @@ async fn handle(
                 .get(hyper::header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
+            let headers = request.headers().clone();
             let bytes = request.into_body().collect().await.unwrap().to_bytes();
             let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
             let ids: BTreeSet<u64> = body["object_ids"]
@@ -138,7 +149,12 @@ async fn handle(
                 .iter()
                 .map(|v| v.as_u64().unwrap())
                 .collect();
-            let _ = callbacks.send(ReceivedCallback { content_type, body });
+            let _ = callbacks.send(ReceivedCallback {
+                content_type,
+                body,
+                raw: bytes,
+                headers,
+            });
             let delay = *state.post_delay.lock().unwrap();
             tokio::time::sleep(delay).await;
             state
@@ -154,6 +170,16 @@ async fn handle(
         (Method::GET, "/objects") => {
             let query = request.uri().query().unwrap_or_default().to_owned();
             state.object_queries.lock().unwrap().push(query.clone());
+            let authorization = request
+                .headers()
+                .get(hyper::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            state
+                .object_authorizations
+                .lock()
+                .unwrap()
+                .push(authorization);
             let param = |name: &str| {
                 query
                     .split('&')
