@@ -122,6 +122,13 @@ pub struct HttpSection {
     pub max_body_memory_bytes: usize,
     /// How long shutdown waits for requests in flight.
     pub shutdown_grace_ms: u64,
+    /// The API's certificate chain (PEM); with `tls_key_file`, the API speaks HTTPS only.
+    /// Empty: plain HTTP.
+    pub tls_cert_file: String,
+    /// The API certificate's private key (PEM).
+    pub tls_key_file: String,
+    /// How often both listeners' certificate files are read again; 0: only on SIGHUP.
+    pub tls_reload_interval_ms: u64,
 }
 
 impl Default for HttpSection {
@@ -135,6 +142,9 @@ impl Default for HttpSection {
             max_connections: 10_000,
             max_body_memory_bytes: 67_108_864,
             shutdown_grace_ms: 10_000,
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
+            tls_reload_interval_ms: 2_000,
         }
     }
 }
@@ -145,12 +155,19 @@ impl Default for HttpSection {
 pub struct AdminSection {
     /// Address of the admin listener (keep it on loopback).
     pub listen: SocketAddr,
+    /// The admin listener's certificate chain (PEM); with `tls_key_file`, HTTPS only.
+    /// Empty: plain HTTP.
+    pub tls_cert_file: String,
+    /// Its private key (PEM).
+    pub tls_key_file: String,
 }
 
 impl Default for AdminSection {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 6060)),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
         }
     }
 }

@@ -80,6 +80,22 @@ async fn run(config: Config, metrics: telemetry::metrics::MetricsHandle) -> anyh
     telemetry::profiling::set_heap_profiling(config.telemetry.heap_profiling).await;
     #[cfg(unix)]
     survive_file_size_limit()?;
+    // Before the database: a certificate that cannot be used is a setting to fix now.
+    let reload_every = ms(config.http.tls_reload_interval_ms);
+    let api_tls = listener_tls(
+        "http",
+        &config.http.tls_cert_file,
+        &config.http.tls_key_file,
+        reload_every,
+    )?;
+    let admin_tls = listener_tls(
+        "admin",
+        &config.admin.tls_cert_file,
+        &config.admin.tls_key_file,
+        reload_every,
+    )?;
+    #[cfg(unix)]
+    reload_certificates_on_sighup(api_tls.iter().chain(&admin_tls).cloned().collect())?;
 
     let database = storage::open(
         &config.database.url,
@@ -195,8 +211,8 @@ async fn run(config: Config, metrics: telemetry::metrics::MetricsHandle) -> anyh
         .run(shutdown.child_token()),
     );
 
-    tracing::info!(addr = %api.local_addr()?, "api listening");
-    tracing::info!(addr = %admin.local_addr()?, "admin listening");
+    tracing::info!(addr = %api.local_addr()?, tls = api_tls.is_some(), "api listening");
+    tracing::info!(addr = %admin.local_addr()?, tls = admin_tls.is_some(), "admin listening");
     let http_config = http_transport::HttpConfig {
         max_body_bytes: config.http.max_body_bytes,
         max_ids: config.http.max_ids,
@@ -207,6 +223,7 @@ async fn run(config: Config, metrics: telemetry::metrics::MetricsHandle) -> anyh
         shutdown_grace: ms(config.http.shutdown_grace_ms),
         auth: config.auth.transport()?,
         trust_incoming_trace: config.trust_incoming_trace(),
+        tls: api_tls,
         ..http_transport::HttpConfig::default()
     };
     log_auth(&config);
@@ -216,11 +233,15 @@ async fn run(config: Config, metrics: telemetry::metrics::MetricsHandle) -> anyh
         http_config,
         shutdown.child_token(),
     ));
+    let mut admin_services = http_transport::AdminServices::new(Arc::new(move || metrics.render()))
+        .with_profiler(Arc::new(profiles::TelemetryProfiler));
+    if let Some(tls) = admin_tls {
+        admin_services = admin_services.with_tls(tls);
+    }
     let admin_server = tokio::spawn(http_transport::serve_admin(
         admin,
         app,
-        http_transport::AdminServices::new(Arc::new(move || metrics.render()))
-            .with_profiler(Arc::new(profiles::TelemetryProfiler)),
+        admin_services,
         shutdown.child_token(),
     ));
 
@@ -266,6 +287,28 @@ fn survive_file_size_limit() -> anyhow::Result<()> {
                     "a write reached the file size limit (RLIMIT_FSIZE) and failed; \
                      raise the limit or free the database's files"
                 );
+            }
+        }
+    });
+    Ok(())
+}
+
+/// `SIGHUP` reads the listeners' certificate files again at once (they are also read every
+/// few seconds); what each reload did is logged by the listener. Caught even when no
+/// listener has TLS, so that a stray hang-up never stops the service.
+#[cfg(unix)]
+fn reload_certificates_on_sighup(
+    listeners: Vec<http_transport::ListenerTls>,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).context("cannot catch SIGHUP")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            if listeners.is_empty() {
+                tracing::info!("SIGHUP: no listener has TLS; nothing to reload");
+            }
+            for listener in &listeners {
+                listener.reload_now();
             }
         }
     });
@@ -320,7 +363,7 @@ async fn wait_for_signal() -> anyhow::Result<&'static str> {
     }
 }
 
-/// A client certificate from `{section}.tls_cert_file` and `{section}.tls_key_file`:
+/// A certificate and key from `{section}.tls_cert_file` and `{section}.tls_key_file`:
 /// both or neither.
 fn identity(section: &str, cert: &str, key: &str) -> anyhow::Result<Option<tls::Identity>> {
     match (path_setting(cert), path_setting(key)) {
@@ -333,6 +376,25 @@ fn identity(section: &str, cert: &str, key: &str) -> anyhow::Result<Option<tls::
             "invalid configuration: {section}.tls_cert_file and {section}.tls_key_file go together; set both or neither"
         ),
     }
+}
+
+/// A listener's TLS from `{section}.tls_cert_file` and `{section}.tls_key_file`, read and
+/// checked now; `None` when neither is set.
+fn listener_tls(
+    section: &str,
+    cert: &str,
+    key: &str,
+    reload_every: std::time::Duration,
+) -> anyhow::Result<Option<http_transport::ListenerTls>> {
+    identity(section, cert, key)?
+        .map(|identity| {
+            http_transport::ListenerTls::load(identity)
+                .map(|tls| tls.with_reload_interval(reload_every))
+                .with_context(|| {
+                    format!("{section}.tls_cert_file / {section}.tls_key_file: unusable")
+                })
+        })
+        .transpose()
 }
 
 /// A file setting: empty means not set.

@@ -19,6 +19,7 @@ mod json;
 pub mod metrics;
 mod router;
 mod server;
+mod tls_listener;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +29,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use admin::{CpuProfileFormat, Profile, ProfileError, Profiler};
 pub use auth::{ApiKey, AuthConfig, AuthMode, CredentialError, WebhookSecret};
+pub use tls::{Identity as TlsIdentity, TlsError};
+pub use tls_listener::{DEFAULT_RELOAD_INTERVAL, ListenerTls};
 
 /// Limits and timeouts of the public HTTP listener.
 ///
@@ -63,6 +66,8 @@ pub struct HttpConfig {
     /// so decides whether it is sampled; when `false` every request starts a trace of its
     /// own, sampled at the configured ratio.
     pub trust_incoming_trace: bool,
+    /// TLS on the listener; plain HTTP when `None`.
+    pub tls: Option<ListenerTls>,
 }
 
 impl Default for HttpConfig {
@@ -78,6 +83,7 @@ impl Default for HttpConfig {
             http2_keep_alive_interval: Some(Duration::from_secs(30)),
             auth: AuthConfig::default(),
             trust_incoming_trace: true,
+            tls: None,
         }
     }
 }
@@ -98,7 +104,10 @@ pub async fn serve(
     metrics::register_auth_rejections();
     let state = Arc::new(api::ApiState::new(app, &config));
     let router = api::router().trusting_incoming_trace(config.trust_incoming_trace);
-    server::run("api", listener, router, state, settings, shutdown).await
+    server::run(
+        "api", listener, router, state, settings, config.tls, shutdown,
+    )
+    .await
 }
 
 /// Renders every metric in the Prometheus text exposition format for `GET /metrics`.
@@ -115,6 +124,7 @@ pub type MetricsRenderer = Arc<dyn Fn() -> String + Send + Sync>;
 pub struct AdminServices {
     metrics: MetricsRenderer,
     profiler: Option<Arc<dyn Profiler>>,
+    tls: Option<ListenerTls>,
 }
 
 impl AdminServices {
@@ -123,6 +133,7 @@ impl AdminServices {
         Self {
             metrics,
             profiler: None,
+            tls: None,
         }
     }
 
@@ -131,12 +142,19 @@ impl AdminServices {
         self.profiler = Some(profiler);
         self
     }
+
+    /// The admin listener speaks TLS with this certificate.
+    pub fn with_tls(mut self, tls: ListenerTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
 }
 
 impl std::fmt::Debug for AdminServices {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AdminServices")
             .field("profiler", &self.profiler.is_some())
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
@@ -167,13 +185,16 @@ pub async fn serve_admin(
         shutdown_grace: Duration::from_secs(5),
         ..server::Settings::from(&HttpConfig::default())
     };
-    let state = Arc::new(admin::AdminState::new(app, services.into()));
+    let mut services = services.into();
+    let tls = services.tls.take();
+    let state = Arc::new(admin::AdminState::new(app, services));
     server::run(
         "admin",
         listener,
         admin::router(),
         state,
         settings,
+        tls,
         shutdown,
     )
     .await

@@ -13,6 +13,11 @@ pub const HTTP_REQUEST_DURATION: &str = "http_request_duration_seconds";
 /// Requests answered `401` for want of valid credentials, by `reason`.
 pub const AUTH_REJECTIONS: &str = "auth_rejections_total";
 
+/// Certificate reloads of a TLS listener, by `listener` and `outcome` (`replaced`, `failed`).
+pub const TLS_RELOADS: &str = "tls_reloads_total";
+/// TLS handshakes that did not complete, by `listener` and `reason` (`refused`, `timeout`).
+pub const TLS_HANDSHAKE_FAILURES: &str = "tls_handshake_failures_total";
+
 /// Callbacks refused, by `reason` (the domain counts the others under the same name).
 const CALLBACKS_REJECTED: &str = "callbacks_rejected_total";
 
@@ -36,6 +41,37 @@ pub fn describe() {
         Unit::Count,
         "requests answered 401 for want of valid credentials, by reason (missing, invalid, expired, replayed)"
     );
+    describe_counter!(
+        TLS_RELOADS,
+        Unit::Count,
+        "certificate reloads of a TLS listener, by listener and outcome (replaced; failed: the previous certificate stays)"
+    );
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        Unit::Count,
+        "TLS handshakes that did not complete, by listener and reason (refused, timeout)"
+    );
+}
+
+/// Registers a TLS listener's `tls_reloads_total` and `tls_handshake_failures_total`
+/// series at zero.
+pub(crate) fn register_tls_reloads(listener: &'static str) {
+    for outcome in ["replaced", "failed"] {
+        counter!(TLS_RELOADS, "listener" => listener, "outcome" => outcome).increment(0);
+    }
+    for reason in ["refused", "timeout"] {
+        counter!(TLS_HANDSHAKE_FAILURES, "listener" => listener, "reason" => reason).increment(0);
+    }
+}
+
+/// Counts one certificate reload that replaced the certificate or failed.
+pub(crate) fn tls_reload(listener: &'static str, outcome: &'static str) {
+    counter!(TLS_RELOADS, "listener" => listener, "outcome" => outcome).increment(1);
+}
+
+/// Counts one TLS handshake that did not complete.
+pub(crate) fn tls_handshake_failed(listener: &'static str, reason: &'static str) {
+    counter!(TLS_HANDSHAKE_FAILURES, "listener" => listener, "reason" => reason).increment(1);
 }
 
 /// Registers every `auth_rejections_total` series at zero, so they show before the first

@@ -1,5 +1,5 @@
 //! The server machinery both listeners share: a capped accept loop, HTTP/1.1 and HTTP/2
-//! connections with timeouts, and a bounded graceful shutdown.
+//! connections with timeouts, optional TLS, and a bounded graceful shutdown.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -18,6 +18,7 @@ use tracing::Instrument as _;
 
 use crate::HttpConfig;
 use crate::router::Router;
+use crate::tls_listener::{self, ListenerTls};
 
 /// How long the accept loop pauses after an accept error (out of file descriptors, …).
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
@@ -68,21 +69,29 @@ pub(crate) fn connection_builder(settings: &Settings) -> auto::Builder<TokioExec
 
 /// Serves `router` on `listener` until `shutdown` is cancelled, then drains connections
 /// for at most `settings.shutdown_grace`.
+///
+/// With `tls`, every connection starts with a TLS handshake (bounded by the header read
+/// timeout, in the connection's own task so a slow client holds up nobody), and the
+/// certificate is kept fresh beside the accept loop.
 pub(crate) async fn run<S>(
     name: &'static str,
     listener: TcpListener,
     router: Router<S>,
     state: S,
     settings: Settings,
+    tls: Option<ListenerTls>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()>
 where
     S: Clone + Send + Sync + 'static,
 {
     let local = listener.local_addr()?;
-    tracing::debug!(listener = name, %local, "listening");
+    tracing::debug!(listener = name, %local, tls = tls.is_some(), "listening");
     let router = Arc::new(router);
-    let builder = connection_builder(&settings);
+    let builder = Arc::new(connection_builder(&settings));
+    let acceptor = tls.as_ref().map(|tls| tls.acceptor().clone());
+    let reloader =
+        tls.map(|tls| tokio::spawn(tls_listener::keep_fresh(name, tls, shutdown.clone())));
     let limit = settings.max_connections.max(1);
     let permits = Arc::new(Semaphore::new(limit));
     let graceful = GracefulShutdown::new();
@@ -155,14 +164,34 @@ where
                 async move { Ok::<_, Infallible>(router.dispatch(state, req).await) }
             })
         };
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
         let span = tracing::debug_span!("connection", listener = name, %peer);
+        let watcher = graceful.watcher();
+        let builder = Arc::clone(&builder);
+        let acceptor = acceptor.clone();
+        let timeout = settings.header_read_timeout;
         connections.spawn(
-            drive_connection(conn, first_request, settings.header_read_timeout, permit)
-                .instrument(span),
+            async move {
+                match acceptor {
+                    None => {
+                        let conn = builder
+                            .serve_connection(TokioIo::new(stream), service)
+                            .into_owned();
+                        drive_connection(watcher.watch(conn), first_request, timeout, permit).await;
+                    }
+                    Some(acceptor) => {
+                        let Some(stream) =
+                            tls_listener::handshake(name, &acceptor, stream, timeout).await
+                        else {
+                            return;
+                        };
+                        let conn = builder
+                            .serve_connection(TokioIo::new(stream), service)
+                            .into_owned();
+                        drive_connection(watcher.watch(conn), first_request, timeout, permit).await;
+                    }
+                }
+            }
+            .instrument(span),
         );
     }
 
@@ -188,6 +217,9 @@ where
     }
     while let Some(done) = connections.join_next().await {
         report_task(name, done);
+    }
+    if let Some(reloader) = reloader {
+        report_task(name, reloader.await);
     }
     tracing::info!(listener = name, "server stopped");
     Ok(())

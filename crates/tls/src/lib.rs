@@ -1,6 +1,6 @@
 //! TLS for the adapters: rustls client configurations built from PEM files, with one
-//! crypto provider (ring) for the whole process, so PostgreSQL, the upstream and (later)
-//! the listeners share one TLS stack and no OpenSSL or aws-lc is built.
+//! crypto provider (ring) for the whole process, so PostgreSQL, the upstream and the
+//! listeners share one TLS stack and no OpenSSL or aws-lc is built.
 //!
 //! A configuration is described by [`ClientSettings`]: how much of the server's
 //! certificate to check ([`Verification`]), which authorities to trust ([`Roots`]), and an
@@ -25,8 +25,11 @@ use rustls::{
 
 pub use rustls;
 
+mod server;
 #[cfg(feature = "testing")]
 pub mod testing;
+
+pub use server::{Reloaded, ServerCertificate};
 
 /// The process's crypto provider: ring, with rustls's default cipher suites and key
 /// exchange groups (X25519, P-256, P-384).
@@ -148,8 +151,16 @@ pub fn read_certificates(
     what: &'static str,
     path: &Path,
 ) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = read(what, path)?;
-    let certificates = CertificateDer::pem_slice_iter(&pem)
+    parse_certificates(what, path, &read(what, path)?)
+}
+
+/// The certificates of `pem`, the contents of `path` (named in errors).
+fn parse_certificates(
+    what: &'static str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certificates = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|err| content(what, path, format!("is not valid PEM: {err}")))?;
     if certificates.is_empty() {
@@ -163,8 +174,16 @@ pub fn read_private_key(
     what: &'static str,
     path: &Path,
 ) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let pem = read(what, path)?;
-    PrivateKeyDer::from_pem_slice(&pem).map_err(|err| {
+    parse_private_key(what, path, &read(what, path)?)
+}
+
+/// The first private key of `pem`, the contents of `path` (named in errors).
+fn parse_private_key(
+    what: &'static str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|err| {
         let problem = match err {
             rustls::pki_types::pem::Error::NoItemsFound => {
                 "holds no PEM private key (PKCS#8, PKCS#1 or SEC1)".to_owned()

@@ -254,3 +254,85 @@ fn permanent_tls_errors_are_told_from_io_errors() {
     assert!(!is_permanent(&reset));
     assert!(!is_permanent(&std::io::Error::other(reset)));
 }
+
+/// What a client that trusts `pki` sees as the server's certificate at a new handshake.
+fn certificate_seen(pki: &TestPki, server: &Arc<ServerCertificate>) -> Vec<u8> {
+    let client = client_config(&settings(Verification::Full, ca(pki))).unwrap();
+    let config = server.server_config(&[b"h2", b"http/1.1"]).unwrap();
+    let connection = handshake(client, config, "localhost").expect("handshake");
+    connection.peer_certificates().expect("a certificate")[0].to_vec()
+}
+
+fn der_of(identity: &Identity) -> Vec<u8> {
+    read_certificates("certificate file", &identity.cert_file).unwrap()[0].to_vec()
+}
+
+#[test]
+fn a_replaced_certificate_is_presented_from_the_next_handshake_on() {
+    let f = fixture();
+    let certificate = Arc::new(ServerCertificate::load(f.localhost.clone()).unwrap());
+    let first = der_of(&f.localhost);
+    assert_eq!(certificate_seen(&f.pki, &certificate), first);
+    assert_eq!(
+        certificate.reload_if_changed().unwrap(),
+        Reloaded::Unchanged
+    );
+
+    // A renewal writes a new certificate and key over the same files.
+    let renewed = f.pki.server("localhost", &["localhost"]);
+    assert_eq!(renewed, f.localhost, "the same files");
+    let second = der_of(&renewed);
+    assert_ne!(first, second);
+    assert_eq!(
+        certificate_seen(&f.pki, &certificate),
+        first,
+        "not before a reload"
+    );
+    assert_eq!(certificate.reload_if_changed().unwrap(), Reloaded::Replaced);
+    assert_eq!(certificate_seen(&f.pki, &certificate), second);
+    assert_eq!(certificate.presented().to_vec(), second);
+    assert_eq!(
+        certificate.reload_if_changed().unwrap(),
+        Reloaded::Unchanged
+    );
+}
+
+#[test]
+fn a_failed_reload_keeps_presenting_the_previous_certificate() {
+    let f = fixture();
+    let certificate = Arc::new(ServerCertificate::load(f.localhost.clone()).unwrap());
+    let first = der_of(&f.localhost);
+
+    std::fs::write(&f.localhost.cert_file, "half a renewal").unwrap();
+    let err = certificate.reload_if_changed().unwrap_err();
+    assert!(
+        err.to_string().contains("holds no PEM certificate"),
+        "{err}"
+    );
+    assert_eq!(certificate_seen(&f.pki, &certificate), first);
+
+    // A new certificate beside the old key (renewals write one file, then the other).
+    let other = f.pki.server("other", &["localhost"]);
+    std::fs::copy(&other.cert_file, &f.localhost.cert_file).unwrap();
+    let err = certificate.reload_if_changed().unwrap_err();
+    assert!(matches!(err, TlsError::Identity { .. }), "{err}");
+    assert_eq!(certificate_seen(&f.pki, &certificate), first);
+
+    // Once the key follows, the new certificate is taken.
+    std::fs::copy(&other.key_file, &f.localhost.key_file).unwrap();
+    assert_eq!(certificate.reload_if_changed().unwrap(), Reloaded::Replaced);
+    assert_eq!(certificate_seen(&f.pki, &certificate), der_of(&other));
+}
+
+#[test]
+fn a_certificate_and_a_key_that_do_not_match_are_refused_at_load() {
+    let f = fixture();
+    let other = f.pki.server("other", &["localhost"]);
+    let mismatched = Identity {
+        cert_file: f.localhost.cert_file.clone(),
+        key_file: other.key_file.clone(),
+    };
+    let err = ServerCertificate::load(mismatched).unwrap_err();
+    assert!(matches!(err, TlsError::Identity { .. }), "{err}");
+    assert_path_named(&err.to_string(), &other.key_file);
+}
