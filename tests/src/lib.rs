@@ -544,6 +544,50 @@ impl Service {
     }
 }
 
+/// Runs client-service's emitter against `service` for two rounds 200 ms apart (no upstream
+/// of its own, extra `CLIENT_…` env from `env`) and checks what it reports: it exits 0,
+/// and each round's line says `status=202` and that every even id it sent is stored.
+/// Returns every line it printed.
+pub async fn emit_two_rounds(
+    service: &Service,
+    env: &[(&str, &str)],
+    deadline: Duration,
+) -> anyhow::Result<Vec<String>> {
+    let mut command = Command::new(&bins().client_service);
+    command
+        .current_dir(service.dir())
+        .args(["--no-upstream", "--target", &service.url("/callback")])
+        .args(["--interval-ms", "200", "--rounds", "2"])
+        .env("CLIENT_EMITTER__REPORT_DELAY_MS", "500")
+        .env("RUST_LOG", "warn");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut client = Process::spawn(command)?;
+    let exit = client.wait(deadline).await?;
+    anyhow::ensure!(
+        exit.code() == Some(0),
+        "client-service exited with {exit}:\n{}",
+        client.lines().join("\n")
+    );
+    let reports: Vec<String> = client
+        .lines()
+        .into_iter()
+        .filter(|l| l.starts_with("round="))
+        .collect();
+    anyhow::ensure!(reports.len() == 2, "one report line per round: {reports:?}");
+    for report in &reports {
+        anyhow::ensure!(report.contains("status=202"), "{report}");
+        let stored = report
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("stored_even="))
+            .context("stored_even in the report")?;
+        let (seen, sent) = stored.split_once('/').context("stored_even=N/M")?;
+        anyhow::ensure!(seen == sent, "every even id sent is stored: {report}");
+    }
+    Ok(client.lines())
+}
+
 /// Expands to one `#[tokio::test]` per backend that runs `$case(Backend::…)`.
 #[macro_export]
 macro_rules! on_both_backends {

@@ -29,33 +29,16 @@ async fn signed_callbacks_are_stored_and_unsigned_ones_refused() -> anyhow::Resu
         .await?
         .expect("SQLite is always available");
 
-        let mut command = tokio::process::Command::new(&tests::bins().client_service);
-        command
-            .current_dir(service.dir())
-            .args(["--no-upstream", "--target", &service.url("/callback")])
-            .args(["--interval-ms", "200", "--rounds", "2"])
-            .env("CLIENT_EMITTER__WEBHOOK_SECRET", SECRET)
-            .env("CLIENT_EMITTER__API_KEY", API_KEY)
-            .env("CLIENT_EMITTER__REPORT_DELAY_MS", "500")
-            .env("RUST_LOG", "info");
-        let mut client = tests::Process::spawn(command)?;
-        let exit = client.wait(WAIT).await?;
-        assert_eq!(exit.code(), Some(0), "{}", client.lines().join("\n"));
-        let reports: Vec<String> = client
-            .lines()
-            .into_iter()
-            .filter(|l| l.starts_with("round="))
-            .collect();
-        assert_eq!(reports.len(), 2, "{reports:?}");
-        for report in &reports {
-            assert!(report.contains("status=202"), "{report}");
-            let stored = report
-                .split_whitespace()
-                .find_map(|kv| kv.strip_prefix("stored_even="))
-                .expect("stored_even in the report");
-            let (seen, sent) = stored.split_once('/').expect("stored_even=N/M");
-            assert_eq!(seen, sent, "every even id sent is stored: {report}");
-        }
+        let client_lines = tests::emit_two_rounds(
+            &service,
+            &[
+                ("CLIENT_EMITTER__WEBHOOK_SECRET", SECRET),
+                ("CLIENT_EMITTER__API_KEY", API_KEY),
+                ("RUST_LOG", "info"),
+            ],
+            WAIT,
+        )
+        .await?;
 
         // An unsigned callback: refused, with the challenge, and nothing new recorded.
         let accepted_before = admin_stats(&service).await?["accepted_callbacks"].clone();
@@ -115,7 +98,7 @@ async fn signed_callbacks_are_stored_and_unsigned_ones_refused() -> anyhow::Resu
         assert!(missing.ends_with(" 2"), "{missing}");
 
         // Neither the secret nor the key shows in either program's output.
-        for line in service.process.lines().iter().chain(&client.lines()) {
+        for line in service.process.lines().iter().chain(&client_lines) {
             assert!(
                 !line.contains("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw") && !line.contains(API_KEY),
                 "a secret in the output: {line}"

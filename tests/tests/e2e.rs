@@ -321,31 +321,7 @@ async fn client_service_reports_callbacks_accepted_and_even_ids_stored(
         return Ok(()); // PostgreSQL not reachable and not required: skipped loudly
     };
 
-    let mut command = tokio::process::Command::new(&tests::bins().client_service);
-    command
-        .current_dir(service.dir())
-        .args(["--no-upstream", "--target", &service.url("/callback")])
-        .args(["--interval-ms", "200", "--rounds", "2"])
-        .env("CLIENT_EMITTER__REPORT_DELAY_MS", "500")
-        .env("RUST_LOG", "warn");
-    let mut client = tests::Process::spawn(command)?;
-    let exit = client.wait(WAIT).await?;
-    assert_eq!(exit.code(), Some(0), "{}", client.lines().join("\n"));
-    let reports: Vec<String> = client
-        .lines()
-        .into_iter()
-        .filter(|l| l.starts_with("round="))
-        .collect();
-    assert_eq!(reports.len(), 2, "one report line per round: {reports:?}");
-    for report in &reports {
-        assert!(report.contains("status=202"), "{report}");
-        let stored = report
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix("stored_even="))
-            .expect("stored_even in the report");
-        let (seen, sent) = stored.split_once('/').expect("stored_even=N/M");
-        assert_eq!(seen, sent, "every even id sent is stored: {report}");
-    }
+    tests::emit_two_rounds(&service, &[], WAIT).await?;
     Ok(())
 }
 

@@ -112,18 +112,50 @@ async fn start(
     .ok_or_else(|| anyhow::anyhow!("SQLite always runs"))
 }
 
+/// The service with TLS on both listeners, its CA and a client that trusts it.
+struct Running {
+    _dir: tempfile::TempDir,
+    pki: TestPki,
+    identity: Identity,
+    _upstream: Upstream,
+    service: Service,
+    client: reqwest::Client,
+}
+
+impl Running {
+    async fn start(reload_interval_ms: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let pki = TestPki::new(dir.path(), "api");
+        let identity = pki.server("api", &NAMES);
+        let upstream = Upstream::start(1, 5).await?;
+        let service = start(&upstream, &identity, reload_interval_ms).await?;
+        let client = https(pki.ca_file())?;
+        Ok(Self {
+            _dir: dir,
+            pki,
+            identity,
+            _upstream: upstream,
+            service,
+            client,
+        })
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callbacks_over_https_and_a_renewed_certificate_is_served_without_a_restart()
 -> anyhow::Result<()> {
     // The binaries are built (once per test process) before the clock starts.
     bins();
     bounded(TEST_DEADLINE, async {
-        let dir = tempfile::tempdir()?;
-        let pki = TestPki::new(dir.path(), "api");
-        let identity = pki.server("api", &NAMES);
-        let upstream = Upstream::start(1, 5).await?;
-        let service = start(&upstream, &identity, "100").await?;
-        let client = https(pki.ca_file())?;
+        // Every field bound: the directory and the upstream live as long as the test.
+        let Running {
+            _dir,
+            _upstream,
+            pki,
+            identity,
+            service,
+            client,
+        } = Running::start("100").await?;
 
         let answer = client
             .post(url(service.api, "/callback"))
@@ -191,13 +223,16 @@ async fn sighup_reloads_the_certificate_and_unusable_files_keep_the_previous_one
     // The binaries are built (once per test process) before the clock starts.
     bins();
     bounded(TEST_DEADLINE, async {
-        let dir = tempfile::tempdir()?;
-        let pki = TestPki::new(dir.path(), "api");
-        let identity = pki.server("api", &NAMES);
-        let upstream = Upstream::start(1, 5).await?;
         // No polling: only SIGHUP reads the files again.
-        let mut service = start(&upstream, &identity, "0").await?;
-        let client = https(pki.ca_file())?;
+        // Every field bound: the directory and the upstream live as long as the test.
+        let Running {
+            _dir,
+            _upstream,
+            pki,
+            identity,
+            mut service,
+            client,
+        } = Running::start("0").await?;
         let first = der(&identity)?;
         assert_eq!(presented(service.api, pki.ca_file()).await?, first);
 
