@@ -30,7 +30,7 @@ fn client_config(ca: &Path) -> anyhow::Result<tls::rustls::ClientConfig> {
         roots: Roots::File(ca.to_owned()),
         identity: None,
     })?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = tls::http_alpn();
     Ok(config)
 }
 
@@ -223,8 +223,8 @@ async fn sighup_reloads_the_certificate_and_unusable_files_keep_the_previous_one
     // The binaries are built (once per test process) before the clock starts.
     bins();
     bounded(TEST_DEADLINE, async {
-        // No polling: only SIGHUP reads the files again.
-        // Every field bound: the directory and the upstream live as long as the test.
+        // No polling: only SIGHUP reads the files again. Every field bound: the directory
+        // and the upstream live as long as the test.
         let Running {
             _dir,
             _upstream,

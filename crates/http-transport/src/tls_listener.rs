@@ -15,9 +15,6 @@ use crate::metrics;
 /// How often the certificate files are read again, by default.
 pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 
-/// What the listener offers in ALPN: HTTP/2 first, HTTP/1.1 for the rest.
-const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
-
 /// A listener's TLS: the certificate it presents and how it is kept fresh.
 ///
 /// While the listener runs, the certificate and key files are read again every
@@ -41,7 +38,7 @@ impl ListenerTls {
     /// what is wrong with it.
     pub fn load(identity: Identity) -> Result<Self, TlsError> {
         let certificate = Arc::new(ServerCertificate::load(identity)?);
-        let config = certificate.server_config(&ALPN)?;
+        let config = certificate.server_config(&tls::HTTP_ALPN)?;
         Ok(Self {
             certificate,
             acceptor: TlsAcceptor::from(Arc::new(config)),

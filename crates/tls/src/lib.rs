@@ -86,6 +86,15 @@ pub enum Roots {
     File(PathBuf),
 }
 
+/// The ALPN protocols of HTTPS, in order of preference: HTTP/2, then HTTP/1.1. Both the
+/// upstream client and the listeners offer these.
+pub const HTTP_ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+/// [`HTTP_ALPN`] as a rustls configuration's `alpn_protocols`.
+pub fn http_alpn() -> Vec<Vec<u8>> {
+    HTTP_ALPN.iter().map(|protocol| protocol.to_vec()).collect()
+}
+
 /// A client certificate and its private key, both PEM files, for mutual TLS.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {

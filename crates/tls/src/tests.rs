@@ -258,7 +258,7 @@ fn permanent_tls_errors_are_told_from_io_errors() {
 /// What a client that trusts `pki` sees as the server's certificate at a new handshake.
 fn certificate_seen(pki: &TestPki, server: &Arc<ServerCertificate>) -> Vec<u8> {
     let client = client_config(&settings(Verification::Full, ca(pki))).unwrap();
-    let config = server.server_config(&[b"h2", b"http/1.1"]).unwrap();
+    let config = server.server_config(&HTTP_ALPN).unwrap();
     let connection = handshake(client, config, "localhost").expect("handshake");
     connection.peer_certificates().expect("a certificate")[0].to_vec()
 }

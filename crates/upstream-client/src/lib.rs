@@ -514,15 +514,10 @@ fn https_config(config: &UpstreamConfig) -> Result<tls::rustls::ClientConfig, Up
     };
     let mut rustls = tls::client_config(&settings).map_err(|err| {
         let mut text = err.to_string();
-        let mut source = std::error::Error::source(&err);
-        while let Some(cause) = source {
-            text.push_str(": ");
-            text.push_str(&cause.to_string());
-            source = cause.source();
-        }
+        append_sources(&mut text, std::error::Error::source(&err));
         UpstreamError::Tls(text)
     })?;
-    rustls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    rustls.alpn_protocols = tls::http_alpn();
     Ok(rustls)
 }
 
@@ -539,7 +534,13 @@ fn error_chain(err: &reqwest::Error) -> String {
         }
         None => err.to_string(),
     };
-    let mut source = err.source();
+    append_sources(&mut text, err.source());
+    text
+}
+
+/// Appends `source` and the errors under it to `text`, each after `: `, skipping a cause
+/// whose text already ends `text` (reqwest repeats its source's message).
+fn append_sources(text: &mut String, mut source: Option<&(dyn std::error::Error + 'static)>) {
     while let Some(cause) = source {
         let cause_text = cause.to_string();
         if !text.ends_with(&cause_text) {
@@ -548,7 +549,6 @@ fn error_chain(err: &reqwest::Error) -> String {
         }
         source = cause.source();
     }
-    text
 }
 
 #[cfg(test)]

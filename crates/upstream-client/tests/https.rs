@@ -33,7 +33,7 @@ impl Drop for HttpsUpstream {
 impl HttpsUpstream {
     async fn start(identity: &tls::Identity) -> Self {
         let mut config = tls::server_config(identity).expect("server config");
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config.alpn_protocols = tls::http_alpn();
         let acceptor = TlsAcceptor::from(Arc::new(config));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
