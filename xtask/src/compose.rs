@@ -5,6 +5,10 @@
 //! Before running anything it checks that Docker can work here: the `docker` command, its
 //! compose plugin (or a standalone `docker-compose` v2) and an engine that answers. When
 //! one is missing it says which and what to do, and fails.
+//!
+//! The stack's PostgreSQL speaks TLS only and the service checks its certificate
+//! (`sslmode=verify-full`), so `up` first makes a throwaway certificate authority and the
+//! server's certificate in `docker/certs/` (git ignores it), unless they are there already.
 
 use std::ffi::OsString;
 use std::io::ErrorKind;
@@ -19,6 +23,18 @@ use tokio::process::Command;
 pub const PROJECT: &str = "callback-service";
 /// The compose file, relative to the workspace root.
 pub const FILE: &str = "docker/compose.yaml";
+/// Where `up` keeps the stack's certificates, relative to the workspace root; the compose
+/// file mounts them from there (`./certs/…`).
+pub const CERTS: &str = "docker/certs";
+/// The certificate authority's certificate: what the service trusts.
+const CA_FILE: &str = "compose-ca.pem";
+/// PostgreSQL's certificate and key, signed by it.
+const SERVER_CERT: &str = "postgres.pem";
+const SERVER_KEY: &str = "postgres.key";
+/// The names PostgreSQL's certificate is issued for: its compose service name, which the
+/// service connects to and `verify-full` checks, and `localhost` for a `psql` inside its
+/// container.
+const SERVER_NAMES: [&str; 2] = ["postgres", "localhost"];
 /// How long one probe (`docker info`, …) may take before it counts as failed.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -56,6 +72,9 @@ enum Action {
     },
     /// List the services' containers, their state and health
     Ps,
+    /// Only make the stack's certificates in docker/certs/ (`up` does it too), for running
+    /// `docker compose` yourself; needs no Docker
+    Certs,
 }
 
 /// How `docker compose` is invoked here.
@@ -112,6 +131,7 @@ fn command_line(tool: Tool, file: &Path, action: &Action) -> (&'static str, Vec<
             args.extend(services.iter().map(OsString::from));
         }
         Action::Ps => args.push("ps".into()),
+        Action::Certs => unreachable!("`compose certs` runs no docker command"),
     }
     (program, args)
 }
@@ -263,12 +283,34 @@ async fn probe_all() -> Probes {
     }
 }
 
+/// Makes the stack's certificates in `dir` unless all of them are there already (a new
+/// authority each time, so they always belong together); whether it made them.
+fn ensure_certificates(dir: &Path) -> anyhow::Result<bool> {
+    let files = [CA_FILE, SERVER_CERT, SERVER_KEY].map(|file| dir.join(file));
+    if files.iter().all(|file| file.is_file()) {
+        return Ok(false);
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    // Named so that its files are CA_FILE, SERVER_CERT and SERVER_KEY.
+    let pki = tls::testing::TestPki::new(dir, "compose");
+    pki.server("postgres", &SERVER_NAMES);
+    Ok(true)
+}
+
 /// Runs `cargo xtask compose …`.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let root = crate::workspace_root()?;
     let file: PathBuf = root.join(FILE);
     if !file.is_file() {
         bail!("{} is missing", file.display());
+    }
+    if args.action == Action::Certs {
+        let made = ensure_certificates(&root.join(CERTS))?;
+        println!(
+            "{} the stack's PostgreSQL certificates in {CERTS}/",
+            if made { "made" } else { "kept" }
+        );
+        return Ok(());
     }
     let tool = match diagnose(&probe_all().await) {
         Ok(tool) => tool,
@@ -278,6 +320,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             std::process::exit(1);
         }
     };
+    if matches!(args.action, Action::Up { .. }) && ensure_certificates(&root.join(CERTS))? {
+        println!("made the stack's PostgreSQL certificates in {CERTS}/");
+    }
     let (program, argv) = command_line(tool, &file, &args.action);
     let status = Command::new(program)
         .args(&argv)
@@ -395,6 +440,82 @@ mod tests {
     }
 
     #[test]
+    fn the_stack_certificates_let_the_service_verify_postgres_by_its_service_name() {
+        use tls::{ClientSettings, Identity, Roots, Verification};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let certs = dir.path().join("certs");
+        assert!(ensure_certificates(&certs).expect("made"));
+        let ca = std::fs::read(certs.join(CA_FILE)).expect("the CA file");
+        assert!(!ensure_certificates(&certs).expect("kept"), "made twice");
+        assert_eq!(
+            std::fs::read(certs.join(CA_FILE)).expect("CA"),
+            ca,
+            "replaced"
+        );
+
+        // The service's settings in the stack: sslmode=verify-full with the CA file.
+        let client = tls::client_config(&ClientSettings {
+            verification: Verification::Full,
+            roots: Roots::File(certs.join(CA_FILE)),
+            identity: None,
+        })
+        .expect("client configuration");
+        let server = tls::server_config(&Identity {
+            cert_file: certs.join(SERVER_CERT),
+            key_file: certs.join(SERVER_KEY),
+        })
+        .expect("PostgreSQL's certificate and key load");
+        for name in SERVER_NAMES {
+            tls::testing::handshake(client.clone(), server.clone(), name).expect(name);
+        }
+        tls::testing::handshake(client, server, "db.example.com")
+            .expect_err("the certificate is for the stack's names only");
+
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(certs.join(SERVER_KEY))
+                .expect("key")
+                .permissions();
+            assert_eq!(
+                mode.mode() & 0o077,
+                0,
+                "the key is readable by its owner only"
+            );
+        }
+
+        // One file missing: all made again, a new authority.
+        std::fs::remove_file(certs.join(SERVER_KEY)).expect("remove");
+        assert!(ensure_certificates(&certs).expect("made again"));
+        assert_ne!(std::fs::read(certs.join(CA_FILE)).expect("CA"), ca);
+    }
+
+    #[test]
+    fn the_compose_file_mounts_the_certificates_up_makes() {
+        let root = crate::workspace_root().expect("root");
+        let compose = std::fs::read_to_string(root.join(FILE)).expect("the compose file exists");
+        let relative = CERTS
+            .strip_prefix("docker/")
+            .expect("next to the compose file");
+        for file in [CA_FILE, SERVER_CERT, SERVER_KEY] {
+            let mount = format!("./{relative}/{file}:/certs/{file}:ro");
+            assert!(compose.contains(&mount), "{FILE} mounts {mount}");
+        }
+        for setting in [
+            "sslmode=verify-full",
+            "CALLBACK_DATABASE__TLS_CA_FILE: /certs/compose-ca.pem",
+            "ssl_cert_file=/certs/postgres.pem",
+        ] {
+            assert!(compose.contains(setting), "{FILE} sets {setting}");
+        }
+        let ignored = std::fs::read_to_string(root.join(".gitignore")).expect(".gitignore");
+        assert!(
+            ignored.lines().any(|line| line == format!("/{CERTS}")),
+            "git ignores {CERTS}"
+        );
+    }
+
+    #[test]
     fn the_command_line_parses() {
         use clap::Parser;
         #[derive(Debug, Parser)]
@@ -424,6 +545,7 @@ mod tests {
             parse(&["down", "--volumes"]).unwrap(),
             Action::Down { volumes: true }
         );
+        assert_eq!(parse(&["certs"]).unwrap(), Action::Certs);
         assert!(parse(&["restart"]).is_err());
         assert!(parse(&[]).is_err());
     }

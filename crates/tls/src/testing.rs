@@ -1,7 +1,13 @@
 //! Throwaway certificates for tests: a certificate authority and the server and client
-//! certificates it signs, written as PEM files into a directory the test owns.
+//! certificates it signs, written as PEM files into a directory the test owns (and the
+//! local compose stack's, made by `cargo xtask compose up`), and an in-memory handshake
+//! to check a client configuration against a server's.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -101,3 +107,41 @@ fn restrict(path: &Path) {
 
 #[cfg(not(unix))]
 fn restrict(_path: &Path) {}
+
+/// Runs a whole handshake between the two configurations, in memory; the first error of
+/// either side.
+///
+/// # Panics
+/// If it has not finished after 20 round trips.
+pub fn handshake(
+    client: ClientConfig,
+    server: ServerConfig,
+    name: &str,
+) -> Result<ClientConnection, rustls::Error> {
+    let name = ServerName::try_from(name.to_owned()).expect("server name");
+    let mut client = ClientConnection::new(Arc::new(client), name)?;
+    let mut server = ServerConnection::new(Arc::new(server))?;
+    for _ in 0..20 {
+        if !client.is_handshaking() && !server.is_handshaking() {
+            return Ok(client);
+        }
+        let mut wire = Vec::new();
+        while client.wants_write() {
+            client.write_tls(&mut wire).expect("write to memory");
+        }
+        server
+            .read_tls(&mut wire.as_slice())
+            .expect("read from memory");
+        let server_state = server.process_new_packets();
+        let mut wire = Vec::new();
+        while server.wants_write() {
+            server.write_tls(&mut wire).expect("write to memory");
+        }
+        client
+            .read_tls(&mut wire.as_slice())
+            .expect("read from memory");
+        client.process_new_packets()?;
+        server_state?;
+    }
+    panic!("the handshake did not finish in 20 rounds");
+}

@@ -3,47 +3,11 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use rustls::pki_types::ServerName;
 use rustls::server::WebPkiClientVerifier;
-use rustls::{CertificateError, ClientConnection, ServerConfig, ServerConnection};
+use rustls::{CertificateError, ClientConnection, ServerConfig};
 
 use super::*;
-use crate::testing::TestPki;
-
-/// Runs a whole handshake between the two configurations, in memory; the first error of
-/// either side.
-fn handshake(
-    client: ClientConfig,
-    server: ServerConfig,
-    name: &str,
-) -> Result<ClientConnection, rustls::Error> {
-    let name = ServerName::try_from(name.to_owned()).expect("server name");
-    let mut client = ClientConnection::new(Arc::new(client), name)?;
-    let mut server = ServerConnection::new(Arc::new(server))?;
-    for _ in 0..20 {
-        if !client.is_handshaking() && !server.is_handshaking() {
-            return Ok(client);
-        }
-        let mut wire = Vec::new();
-        while client.wants_write() {
-            client.write_tls(&mut wire).expect("write to memory");
-        }
-        server
-            .read_tls(&mut wire.as_slice())
-            .expect("read from memory");
-        let server_state = server.process_new_packets();
-        let mut wire = Vec::new();
-        while server.wants_write() {
-            server.write_tls(&mut wire).expect("write to memory");
-        }
-        client
-            .read_tls(&mut wire.as_slice())
-            .expect("read from memory");
-        client.process_new_packets()?;
-        server_state?;
-    }
-    panic!("the handshake did not finish in 20 rounds");
-}
+use crate::testing::{TestPki, handshake};
 
 fn settings(verification: Verification, roots: Roots) -> ClientSettings {
     ClientSettings {
