@@ -16,6 +16,7 @@ use tokio::sync::watch;
 pub mod pg_cluster;
 pub mod proxy;
 pub mod tls_postgres;
+pub mod traces;
 
 pub use proxy::Proxy;
 

@@ -1,330 +1,149 @@
-//! Traces exported to Zipkin by the real binaries: a fake collector on 127.0.0.1 receives
-//! the spans of one callback, and the upstream request carries the fetch span's context
-//! (W3C `traceparent`, B3), which the real `client-service` continues.
+//! Traces exported by the real binaries, to Zipkin and over OTLP: fake collectors on
+//! 127.0.0.1 receive the spans of one callback, and the upstream request carries the fetch
+//! span's context (W3C `traceparent`, B3), which the real `client-service` continues. Both
+//! exporters are held to the same expectations (`tests::traces`).
 //!
 //! SQLite only: span export does not depend on the backend.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
-use serde_json::{Value, json};
+use anyhow::Context;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, any_value};
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use prost::Message as _;
+use serde_json::json;
+use tests::traces::{
+    Collector, Span, callback_span, check_the_callback_trace, fetch_spans, has_the_callback_trace,
+    named, one_callback, online_answer, parse_traceparent, pipeline_fetch_span, serve,
+    zipkin_spans,
+};
 use tests::{Backend, Service, Upstream, http};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 
-const WAIT: Duration = Duration::from_secs(20);
-
-/// One request as the fake servers see it.
-#[derive(Debug)]
-struct Request {
-    method: String,
-    path: String,
-    /// Header names in lowercase.
-    headers: HashMap<String, String>,
-    body: Vec<u8>,
-}
-
-type Answer = dyn Fn(Request) -> (u16, String) + Send + Sync;
-
-/// Serves HTTP/1.1 (keep-alive, `content-length` bodies) on a free loopback port; `answer`
-/// sees every request and gives the status and JSON body to send back.
-async fn serve(
-    answer: impl Fn(Request) -> (u16, String) + Send + Sync + 'static,
-) -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let answer: Arc<Answer> = Arc::new(answer);
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let answer = Arc::clone(&answer);
-            tokio::spawn(async move {
-                if let Err(err) = connection(stream, &*answer).await {
-                    eprintln!("fake server: {err:#}");
-                }
+/// The spans of an OTLP `ExportTraceServiceRequest` (protobuf), each with its resource's
+/// `service.name`.
+fn otlp_spans(body: &[u8]) -> anyhow::Result<Vec<Span>> {
+    fn text(value: Option<&AnyValue>) -> String {
+        match value.and_then(|v| v.value.as_ref()) {
+            Some(any_value::Value::StringValue(s)) => s.clone(),
+            Some(any_value::Value::BoolValue(b)) => b.to_string(),
+            Some(any_value::Value::IntValue(i)) => i.to_string(),
+            Some(any_value::Value::DoubleValue(d)) => d.to_string(),
+            Some(other) => format!("{other:?}"),
+            None => String::new(),
+        }
+    }
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let request = ExportTraceServiceRequest::decode(body).context("not an OTLP trace export")?;
+    let mut spans = Vec::new();
+    for resource_spans in request.resource_spans {
+        let service = resource_spans
+            .resource
+            .iter()
+            .flat_map(|resource| &resource.attributes)
+            .find(|kv| kv.key == "service.name")
+            .map(|kv| text(kv.value.as_ref()))
+            .unwrap_or_default();
+        for span in resource_spans
+            .scope_spans
+            .into_iter()
+            .flat_map(|scope| scope.spans)
+        {
+            let kind = SpanKind::try_from(span.kind).unwrap_or(SpanKind::Unspecified);
+            spans.push(Span {
+                service: service.clone(),
+                name: span.name,
+                kind: kind
+                    .as_str_name()
+                    .trim_start_matches("SPAN_KIND_")
+                    .to_owned(),
+                trace_id: hex(&span.trace_id),
+                id: hex(&span.span_id),
+                parent_id: hex(&span.parent_span_id),
+                tags: span
+                    .attributes
+                    .iter()
+                    .map(|kv| (kv.key.clone(), text(kv.value.as_ref())))
+                    .collect::<BTreeMap<_, _>>(),
             });
         }
-    });
-    Ok(addr)
-}
-
-async fn connection(stream: TcpStream, answer: &Answer) -> anyhow::Result<()> {
-    let (read, mut write) = stream.into_split();
-    let mut reader = BufReader::new(read);
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).await? == 0 {
-            return Ok(());
-        }
-        let mut parts = line.split_whitespace();
-        let method = parts.next().context("no method")?.to_owned();
-        let path = parts.next().context("no path")?.to_owned();
-        let mut headers = HashMap::new();
-        loop {
-            let mut header = String::new();
-            reader.read_line(&mut header).await?;
-            let header = header.trim_end();
-            if header.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = header.split_once(':') {
-                headers.insert(name.trim().to_ascii_lowercase(), value.trim().to_owned());
-            }
-        }
-        if headers.contains_key("transfer-encoding") {
-            bail!("this fake reads content-length bodies only");
-        }
-        let len: usize = headers
-            .get("content-length")
-            .map(|v| v.parse())
-            .transpose()?
-            .unwrap_or(0);
-        let mut body = vec![0; len];
-        reader.read_exact(&mut body).await?;
-        let (status, text) = answer(Request {
-            method,
-            path,
-            headers,
-            body,
-        });
-        let response = format!(
-            "HTTP/1.1 {status} Fake\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{text}",
-            text.len()
-        );
-        write.write_all(response.as_bytes()).await?;
     }
+    Ok(spans)
 }
 
-/// The id of a `GET /objects/{id}` path; -1 when the path names none.
-fn requested_id(path: &str) -> i64 {
-    path.strip_prefix("/objects/")
-        .and_then(|raw| raw.parse().ok())
-        .unwrap_or(-1)
-}
-
-/// The upstream's answer reporting the requested object online.
-fn online_answer(path: &str) -> (u16, String) {
-    let id = requested_id(path);
-    (200, json!({ "id": id, "online": true }).to_string())
-}
-
-/// A fake Zipkin collector: every `POST /api/v2/spans` body is parsed and kept.
-struct Collector {
-    endpoint: String,
-    batches: mpsc::UnboundedReceiver<Vec<Value>>,
-    spans: Vec<Value>,
-}
-
-impl Collector {
-    async fn start() -> anyhow::Result<Self> {
-        let (tx, batches) = mpsc::unbounded_channel();
-        let addr = serve(move |req| {
-            if req.method != "POST" || req.path != "/api/v2/spans" {
-                return (404, String::new());
-            }
-            match serde_json::from_slice::<Vec<Value>>(&req.body) {
-                Ok(spans) => {
-                    let _ = tx.send(spans);
-                    (202, String::new())
-                }
-                Err(err) => {
-                    eprintln!("collector: not a json span list: {err}");
-                    (400, String::new())
-                }
-            }
-        })
-        .await?;
-        Ok(Self {
-            endpoint: format!("http://{addr}/api/v2/spans"),
-            batches,
-            spans: Vec::new(),
-        })
-    }
-
-    /// Waits until the spans received so far satisfy `done`.
-    async fn until(&mut self, done: impl Fn(&[Value]) -> bool) -> anyhow::Result<&[Value]> {
-        let give_up = tokio::time::Instant::now() + WAIT;
-        while !done(&self.spans) {
-            match tokio::time::timeout_at(give_up, self.batches.recv()).await {
-                Ok(Some(batch)) => self.spans.extend(batch),
-                Ok(None) => bail!("the collector stopped"),
-                Err(_) => bail!(
-                    "the expected spans did not arrive within {WAIT:?}; got {:#}",
-                    Value::Array(self.spans.clone())
-                ),
-            }
-        }
-        Ok(&self.spans)
-    }
-}
-
-fn text<'v>(span: &'v Value, pointer: &str) -> &'v str {
-    span.pointer(pointer).and_then(Value::as_str).unwrap_or("")
-}
-
-fn named<'s>(spans: &'s [Value], name: &str) -> Vec<&'s Value> {
-    spans
-        .iter()
-        .filter(|s| text(s, "/name").eq_ignore_ascii_case(name))
-        .collect()
-}
-
-fn fetch_spans(spans: &[Value]) -> Vec<&Value> {
-    named(spans, "upstream.fetch")
-}
-
-/// The pipeline's span around the fetch of `id`.
-fn pipeline_fetch_span<'s>(spans: &'s [Value], id: &str) -> Option<&'s Value> {
-    named(spans, "fetch")
-        .into_iter()
-        .find(|s| text(s, "/tags/object_id") == id)
-}
-
-fn callback_span(spans: &[Value]) -> Option<&Value> {
-    spans
-        .iter()
-        .find(|s| text(s, "/name").eq_ignore_ascii_case("POST /callback"))
-}
-
-/// `traceparent` split into trace id, parent span id and flags, if well-formed.
-fn parse_traceparent(value: &str) -> Option<(&str, &str, &str)> {
-    let mut parts = value.split('-');
-    let (version, trace, parent, flags) =
-        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
-    let well_formed = version == "00"
-        && hex(trace, 32)
-        && hex(parent, 16)
-        && hex(flags, 2)
-        && parts.next().is_none()
-        && trace != "0".repeat(32)
-        && parent != "0".repeat(16);
-    well_formed.then_some((trace, parent, flags))
+/// A fake OTLP/HTTP collector: `POST /v1/traces`, protobuf, answered `200` (an empty body
+/// is an `ExportTraceServiceResponse` without a partial failure).
+async fn otlp_collector() -> anyhow::Result<Collector> {
+    Collector::start("/v1/traces", 200, otlp_spans).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_callback_exports_its_request_and_fetch_spans_and_the_upstream_gets_traceparent()
 -> anyhow::Result<()> {
-    let mut collector = Collector::start().await?;
-    let (seen_tx, mut seen) = mpsc::unbounded_channel::<(i64, HashMap<String, String>)>();
-    let upstream = serve(move |req| {
-        let (status, body) = online_answer(&req.path);
-        let _ = seen_tx.send((requested_id(&req.path), req.headers));
-        (status, body)
-    })
-    .await?;
-    let mut service = Service::start(
-        Backend::Sqlite,
-        &format!("http://{upstream}"),
-        Duration::from_secs(600),
-        &[("CALLBACK_TELEMETRY__ZIPKIN_ENDPOINT", &collector.endpoint)],
-    )
-    .await?
-    .context("sqlite is always available")?;
-
-    let response = http()
-        .post(service.url("/callback"))
-        .json(&json!({ "object_ids": [3, 4] }))
-        .send()
-        .await?;
-    assert_eq!(response.status(), 202);
-
-    let mut traceparents = HashMap::new();
-    let mut b3_trace_ids = HashMap::new();
-    while traceparents.len() < 2 {
-        let (id, headers) = tokio::time::timeout(WAIT, seen.recv())
-            .await
-            .context("the upstream was not asked about both ids")?
-            .context("the fake upstream stopped")?;
-        let traceparent = headers
-            .get("traceparent")
-            .with_context(|| format!("the request for {id} has no traceparent: {headers:?}"))?;
-        traceparents.insert(id, traceparent.clone());
-        b3_trace_ids.insert(id, headers.get("x-b3-traceid").cloned());
-    }
-
-    // A graceful stop finishes the fetches and flushes the spans still buffered.
-    service.process.signal("TERM")?;
-    assert!(service.process.wait(WAIT).await?.success());
-
-    let spans = collector
-        .until(|spans| {
-            callback_span(spans).is_some()
-                && fetch_spans(spans).len() >= 2
-                && named(spans, "fetch").len() >= 2
-                && !named(spans, "store.batch").is_empty()
-        })
-        .await?;
-    for span in spans {
-        assert_eq!(
-            text(span, "/localEndpoint/serviceName"),
-            "callback-service",
-            "{span:#}"
-        );
-    }
-    let callback = callback_span(spans).expect("waited for");
-    assert_eq!(text(callback, "/kind"), "SERVER", "{callback:#}");
-    assert_eq!(text(callback, "/tags/route"), "/callback", "{callback:#}");
-    assert_eq!(text(callback, "/tags/status"), "202", "{callback:#}");
-    let callback_trace = text(callback, "/traceId");
-
-    // One trace: the request, then per id the pipeline's fetch span (carried through the
-    // inbox) with the upstream request under it, and the store batch.
-    let batch = named(spans, "store.batch")[0];
-    assert_eq!(text(batch, "/traceId"), callback_trace, "{batch:#}");
-    for id in ["3", "4"] {
-        let fetch = pipeline_fetch_span(spans, id)
-            .with_context(|| format!("no pipeline fetch span for {id}"))?;
-        assert_eq!(text(fetch, "/traceId"), callback_trace, "{fetch:#}");
-        assert_eq!(text(fetch, "/tags/outcome"), "online", "{fetch:#}");
-        let upstream = fetch_spans(spans)
-            .into_iter()
-            .find(|s| text(s, "/tags/object_id") == id)
-            .with_context(|| format!("no upstream.fetch span for {id}"))?;
-        assert_eq!(
-            text(upstream, "/parentId"),
-            text(fetch, "/id"),
-            "{upstream:#}"
-        );
-    }
-
-    for (id, traceparent) in &traceparents {
-        let (trace, parent, flags) = parse_traceparent(traceparent)
-            .with_context(|| format!("malformed traceparent {traceparent:?}"))?;
-        assert_eq!(flags, "01", "sampled at ratio 1.0: {traceparent}");
-        let fetch = fetch_spans(spans)
-            .into_iter()
-            .find(|s| text(s, "/tags/object_id") == id.to_string())
-            .with_context(|| format!("no upstream.fetch span for {id}"))?;
-        assert_eq!(text(fetch, "/kind"), "CLIENT", "{fetch:#}");
-        assert_eq!(text(fetch, "/traceId"), trace, "{fetch:#}");
-        assert_eq!(text(fetch, "/id"), parent, "{fetch:#}");
-        assert_eq!(
-            b3_trace_ids[id].as_deref(),
-            Some(trace),
-            "B3 names the same trace"
-        );
-    }
+    let mut collector = Collector::zipkin().await?;
+    let propagated =
+        one_callback(&[("CALLBACK_TELEMETRY__ZIPKIN_ENDPOINT", &collector.endpoint)]).await?;
+    let spans = collector.until(has_the_callback_trace).await?;
+    check_the_callback_trace(spans, &propagated)?;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_client_service_simulator_continues_the_fetch_trace() -> anyhow::Result<()> {
-    let mut collector = Collector::start().await?;
-    let upstream = Upstream::start_with_env(
-        1,
-        1,
-        &[("CLIENT_TELEMETRY__ZIPKIN_ENDPOINT", &collector.endpoint)],
-    )
+async fn over_otlp_one_callback_exports_the_same_trace() -> anyhow::Result<()> {
+    let mut collector = otlp_collector().await?;
+    let propagated =
+        one_callback(&[("CALLBACK_TELEMETRY__OTLP_ENDPOINT", &collector.endpoint)]).await?;
+    let spans = collector.until(has_the_callback_trace).await?;
+    check_the_callback_trace(spans, &propagated)?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_both_exporters_on_each_collector_gets_every_span_of_the_trace() -> anyhow::Result<()>
+{
+    let mut zipkin = Collector::zipkin().await?;
+    let mut otlp = otlp_collector().await?;
+    let propagated = one_callback(&[
+        ("CALLBACK_TELEMETRY__ZIPKIN_ENDPOINT", &zipkin.endpoint),
+        ("CALLBACK_TELEMETRY__OTLP_ENDPOINT", &otlp.endpoint),
+    ])
     .await?;
+    let zipkin_trace =
+        check_the_callback_trace(zipkin.until(has_the_callback_trace).await?, &propagated)?;
+    let otlp_trace =
+        check_the_callback_trace(otlp.until(has_the_callback_trace).await?, &propagated)?;
+    assert_eq!(zipkin_trace, otlp_trace, "one trace, sent twice");
+    // The service stopped before this: each collector has all it will ever get.
+    let ids = |spans: &[Span]| -> BTreeSet<(String, String)> {
+        spans
+            .iter()
+            .map(|s| (s.id.clone(), s.name.to_ascii_lowercase()))
+            .collect()
+    };
+    assert_eq!(ids(&zipkin.spans), ids(&otlp.spans), "the same spans");
+    Ok(())
+}
+
+/// The real client-service's simulator, exporting through `client_env`, continues the
+/// trace of callback-service's fetch (exported through `service_env`); both collectors may
+/// be one.
+async fn the_simulator_continues_the_fetch_trace(
+    simulator_collector: &mut Collector,
+    client_env: &str,
+    service_collector: Option<&mut Collector>,
+) -> anyhow::Result<()> {
+    let upstream =
+        Upstream::start_with_env(1, 1, &[(client_env, &simulator_collector.endpoint)]).await?;
+    let service_endpoint = service_collector
+        .as_ref()
+        .map_or(simulator_collector.endpoint.clone(), |c| c.endpoint.clone());
     let service = Service::start(
         Backend::Sqlite,
         &upstream.base_url(),
         Duration::from_secs(600),
-        &[("CALLBACK_TELEMETRY__ZIPKIN_ENDPOINT", &collector.endpoint)],
+        &[("CALLBACK_TELEMETRY__ZIPKIN_ENDPOINT", &service_endpoint)],
     )
     .await?
     .context("sqlite is always available")?;
@@ -336,34 +155,64 @@ async fn the_client_service_simulator_continues_the_fetch_trace() -> anyhow::Res
         .await?;
     assert_eq!(response.status(), 202);
 
-    let simulator = |spans: &[Value]| -> Option<Value> {
+    let simulator = |spans: &[Span]| -> Option<Span> {
         spans
             .iter()
-            .find(|s| text(s, "/localEndpoint/serviceName") == "client-service")
+            .find(|s| s.service == "client-service")
             .cloned()
     };
-    let spans = collector
-        .until(|spans| simulator(spans).is_some() && !fetch_spans(spans).is_empty())
-        .await?;
-    let served = simulator(spans).expect("waited for");
-    let fetch = fetch_spans(spans)[0];
+    let served = simulator(
+        simulator_collector
+            .until(|spans| simulator(spans).is_some())
+            .await?,
+    )
+    .expect("waited for");
+    let fetch = match service_collector {
+        Some(collector) => {
+            collector
+                .until(|spans| !fetch_spans(spans).is_empty())
+                .await?
+        }
+        None => {
+            simulator_collector
+                .until(|spans| !fetch_spans(spans).is_empty())
+                .await?
+        }
+    };
+    let fetch = fetch_spans(fetch)[0].clone();
+    assert_eq!(fetch.service, "callback-service");
+    assert_eq!(served.kind, "SERVER", "{served:#?}");
+    assert_eq!(served.tag("path"), "/objects/8", "{served:#?}");
+    assert_eq!(served.trace_id, fetch.trace_id, "one trace");
     assert_eq!(
-        text(fetch, "/localEndpoint/serviceName"),
-        "callback-service"
-    );
-    assert_eq!(text(&served, "/kind"), "SERVER", "{served:#}");
-    assert_eq!(text(&served, "/tags/path"), "/objects/8", "{served:#}");
-    assert_eq!(
-        text(&served, "/traceId"),
-        text(fetch, "/traceId"),
-        "one trace"
-    );
-    assert_eq!(
-        text(&served, "/parentId"),
-        text(fetch, "/id"),
+        served.parent_id, fetch.id,
         "the simulator's span is a child of the fetch"
     );
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_service_simulator_continues_the_fetch_trace() -> anyhow::Result<()> {
+    let mut collector = Collector::zipkin().await?;
+    the_simulator_continues_the_fetch_trace(
+        &mut collector,
+        "CLIENT_TELEMETRY__ZIPKIN_ENDPOINT",
+        None,
+    )
+    .await
+}
+
+/// client-service over OTLP, callback-service to Zipkin: the trace crosses the exporters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_service_simulator_exports_over_otlp_too() -> anyhow::Result<()> {
+    let mut otlp = otlp_collector().await?;
+    let mut zipkin = Collector::zipkin().await?;
+    the_simulator_continues_the_fetch_trace(
+        &mut otlp,
+        "CLIENT_TELEMETRY__OTLP_ENDPOINT",
+        Some(&mut zipkin),
+    )
+    .await
 }
 
 #[test]
@@ -381,10 +230,55 @@ fn traceparent_parsing_rejects_malformed_values() {
     }
 }
 
+#[test]
+fn both_wire_formats_become_the_same_spans() {
+    let zipkin = br#"[{"traceId":"4bf92f3577b34da6a3ce929d0e0e4736","id":"00f067aa0ba902b7",
+        "parentId":"00000000000000aa","name":"upstream.fetch","kind":"CLIENT",
+        "localEndpoint":{"serviceName":"callback-service"},"tags":{"object_id":"3"}}]"#;
+    let from_zipkin = zipkin_spans(zipkin).unwrap();
+
+    use opentelemetry_proto::tonic::common::v1::KeyValue;
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span as OtlpSpan};
+    let kv = |key: &str, value: any_value::Value| KeyValue {
+        key: key.to_owned(),
+        value: Some(AnyValue { value: Some(value) }),
+        ..KeyValue::default()
+    };
+    let request = ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: Some(Resource {
+                attributes: vec![kv(
+                    "service.name",
+                    any_value::Value::StringValue("callback-service".to_owned()),
+                )],
+                ..Resource::default()
+            }),
+            scope_spans: vec![ScopeSpans {
+                spans: vec![OtlpSpan {
+                    trace_id: 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736_u128
+                        .to_be_bytes()
+                        .to_vec(),
+                    span_id: 0x00f0_67aa_0ba9_02b7_u64.to_be_bytes().to_vec(),
+                    parent_span_id: 0xaa_u64.to_be_bytes().to_vec(),
+                    name: "upstream.fetch".to_owned(),
+                    kind: SpanKind::Client as i32,
+                    attributes: vec![kv("object_id", any_value::Value::IntValue(3))],
+                    ..OtlpSpan::default()
+                }],
+                ..ScopeSpans::default()
+            }],
+            ..ResourceSpans::default()
+        }],
+    };
+    assert_eq!(otlp_spans(&request.encode_to_vec()).unwrap(), from_zipkin);
+    assert!(otlp_spans(b"\xff\xff").is_err());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn work_left_by_a_killed_instance_joins_the_callbacks_trace_after_the_restart()
 -> anyhow::Result<()> {
-    let mut collector = Collector::start().await?;
+    let mut collector = Collector::zipkin().await?;
     // Down (503) until told otherwise: the first instance keeps retrying the fetch.
     let answering = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let up = Arc::clone(&answering);
@@ -414,45 +308,40 @@ async fn work_left_by_a_killed_instance_joins_the_callbacks_trace_after_the_rest
         .await?;
     assert_eq!(response.status(), 202);
     // The request's spans leave with the next export; then the instance dies mid-fetch.
-    let callback_trace = text(
-        callback_span(
-            collector
-                .until(|spans| callback_span(spans).is_some())
-                .await?,
-        )
-        .expect("waited for"),
-        "/traceId",
+    let callback_trace = callback_span(
+        collector
+            .until(|spans| callback_span(spans).is_some())
+            .await?,
     )
-    .to_owned();
+    .expect("waited for")
+    .trace_id
+    .clone();
     first.kill().await?;
     let before_restart: Vec<String> = collector
         .spans
         .iter()
-        .filter(|s| text(s, "/traceId") == callback_trace)
-        .map(|s| text(s, "/id").to_owned())
+        .filter(|s| s.trace_id == callback_trace)
+        .map(|s| s.id.clone())
         .collect();
 
     answering.store(true, std::sync::atomic::Ordering::SeqCst);
     let restarted = first.another().await?;
     let spans = collector
         .until(|spans| {
-            pipeline_fetch_span(spans, "6").is_some_and(|s| text(s, "/tags/outcome") == "online")
+            pipeline_fetch_span(spans, "6").is_some_and(|s| s.tag("outcome") == "online")
         })
         .await?;
     let fetch = named(spans, "fetch")
         .into_iter()
-        .find(|s| text(s, "/tags/object_id") == "6" && text(s, "/tags/outcome") == "online")
+        .find(|s| s.tag("object_id") == "6" && s.tag("outcome") == "online")
         .expect("waited for");
     assert_eq!(
-        text(fetch, "/traceId"),
-        callback_trace,
-        "the restarted instance's fetch joins the callback's trace: {fetch:#}"
+        fetch.trace_id, callback_trace,
+        "the restarted instance's fetch joins the callback's trace: {fetch:#?}"
     );
     assert!(
-        before_restart
-            .iter()
-            .any(|id| id == text(fetch, "/parentId")),
-        "its parent is a span of the request, exported before the kill: {fetch:#} not under {before_restart:?}"
+        before_restart.contains(&fetch.parent_id),
+        "its parent is a span of the request, exported before the kill: {fetch:#?} not under {before_restart:?}"
     );
     drop(restarted);
     Ok(())
@@ -466,7 +355,7 @@ async fn with_auth_on_a_callers_trace_is_continued_only_when_trusted() -> anyhow
     const CALLER_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
     let upstream = serve(|req| online_answer(&req.path)).await?;
     for (trust, continued) in [(None, false), (Some("true"), true)] {
-        let mut collector = Collector::start().await?;
+        let mut collector = Collector::zipkin().await?;
         let mut env = vec![
             (
                 "CALLBACK_TELEMETRY__ZIPKIN_ENDPOINT",
@@ -502,9 +391,9 @@ async fn with_auth_on_a_callers_trace_is_continued_only_when_trusted() -> anyhow
             .await?;
         let span = callback_span(spans).expect("waited for");
         assert_eq!(
-            text(span, "/traceId") == CALLER_TRACE,
+            span.trace_id == CALLER_TRACE,
             continued,
-            "trust_incoming_trace = {trust:?}: {span:#}"
+            "trust_incoming_trace = {trust:?}: {span:#?}"
         );
     }
     Ok(())

@@ -359,8 +359,11 @@ pub struct TelemetrySection {
     pub log_filter: String,
     /// Human or JSON log lines.
     pub log_format: LogFormat,
-    /// Where spans are sent (Zipkin v2 JSON API); empty turns export off.
+    /// Where spans are sent as Zipkin v2 JSON; empty turns this export off.
     pub zipkin_endpoint: String,
+    /// Where spans are sent as OTLP over HTTP/protobuf (the full traces url); empty turns
+    /// this export off.
+    pub otlp_endpoint: String,
     /// The share of new traces recorded and exported, from 0.0 to 1.0.
     pub sample_ratio: f64,
     /// Whether jemalloc samples allocations from the start, so `GET /debug/pprof/heap`
@@ -378,12 +381,14 @@ impl Default for TelemetrySection {
             log_filter,
             log_format,
             zipkin_endpoint,
+            otlp_endpoint,
             sample_ratio,
         } = TelemetryConfig::default();
         Self {
             log_filter,
             log_format,
             zipkin_endpoint,
+            otlp_endpoint,
             sample_ratio,
             heap_profiling: true,
             trust_incoming_trace: None,
@@ -398,6 +403,7 @@ impl TelemetrySection {
             log_filter,
             log_format,
             zipkin_endpoint,
+            otlp_endpoint,
             sample_ratio,
             heap_profiling: _,
             trust_incoming_trace: _,
@@ -406,6 +412,7 @@ impl TelemetrySection {
             log_filter: log_filter.clone(),
             log_format: *log_format,
             zipkin_endpoint: zipkin_endpoint.clone(),
+            otlp_endpoint: otlp_endpoint.clone(),
             sample_ratio: *sample_ratio,
         }
     }
@@ -837,6 +844,7 @@ mod tests {
             assert_eq!(config.upstream.base_url, "http://127.0.0.1:9010");
             assert_eq!(config.expiry.ttl_ms, 30_000);
             assert_eq!(config.telemetry.zipkin_endpoint, "");
+            assert_eq!(config.telemetry.otlp_endpoint, "");
             assert!(config.telemetry.heap_profiling);
             Ok(())
         });
@@ -887,6 +895,10 @@ mod tests {
                 "CALLBACK_TELEMETRY__ZIPKIN_ENDPOINT",
                 "http://127.0.0.1:9411/api/v2/spans",
             );
+            jail.set_env(
+                "CALLBACK_TELEMETRY__OTLP_ENDPOINT",
+                "http://127.0.0.1:4318/v1/traces",
+            );
             let config = Config::load(&Flags::default()).map_err(|e| e.to_string())?;
             assert_eq!(config.http.listen.to_string(), "127.0.0.1:1");
             assert_eq!(config.http.max_ids, 7);
@@ -894,6 +906,10 @@ mod tests {
             assert_eq!(
                 config.telemetry.zipkin_endpoint,
                 "http://127.0.0.1:9411/api/v2/spans"
+            );
+            assert_eq!(
+                config.telemetry.common().otlp_endpoint,
+                "http://127.0.0.1:4318/v1/traces"
             );
             // (not "secret": `auth.webhook_secrets` is a key of the log line)
             assert!(!config.redacted_json().contains("p4ssw0rd"));

@@ -1,8 +1,9 @@
 //! Logging, tracing and metrics setup shared by both binaries.
 //!
 //! [`init`] installs a `tracing` subscriber with an `EnvFilter` and human or JSON log lines
-//! on stderr and, when `telemetry.zipkin_endpoint` is set, exports spans to Zipkin through
-//! OpenTelemetry; [`metrics::install`] installs the Prometheus recorder the admin listener
+//! on stderr and, when `telemetry.zipkin_endpoint` or `telemetry.otlp_endpoint` is set,
+//! exports spans through OpenTelemetry to Zipkin, to an OTLP collector, or to both;
+//! [`metrics::install`] installs the Prometheus recorder the admin listener
 //! renders; [`propagation`] carries trace context over HTTP (W3C `traceparent` and B3);
 //! `profiling` (feature `profiling`) takes CPU and heap profiles for the admin listener.
 
@@ -41,8 +42,11 @@ pub struct TelemetryConfig {
     pub log_filter: String,
     /// Human or JSON log lines.
     pub log_format: LogFormat,
-    /// Where spans are sent (Zipkin v2 JSON API); empty turns export off.
+    /// Where spans are sent as Zipkin v2 JSON; empty turns this export off.
     pub zipkin_endpoint: String,
+    /// Where spans are sent as OTLP over HTTP/protobuf: the full traces url, e.g.
+    /// `http://127.0.0.1:4318/v1/traces`; empty turns this export off.
+    pub otlp_endpoint: String,
     /// The share of new traces recorded and exported, from 0.0 to 1.0; a trace continued
     /// from a caller follows the caller's decision.
     pub sample_ratio: f64,
@@ -54,6 +58,7 @@ impl Default for TelemetryConfig {
             log_filter: "info".to_owned(),
             log_format: LogFormat::Human,
             zipkin_endpoint: String::new(),
+            otlp_endpoint: String::new(),
             sample_ratio: 1.0,
         }
     }
@@ -99,27 +104,26 @@ pub enum InitError {
     /// The Zipkin exporter could not be built.
     #[error("telemetry.zipkin_endpoint: {0}")]
     Zipkin(String),
+    /// `otlp_endpoint` is not a usable url, or the OTLP exporter could not be built.
+    #[error("telemetry.otlp_endpoint: {0}")]
+    Otlp(String),
+    /// The HTTP client the exporters share could not be built.
+    #[error("telemetry: cannot build the span exporters' http client: {0}")]
+    HttpClient(String),
 }
 
 /// Installs the global subscriber; `RUST_LOG` overrides `config.log_filter`.
 ///
-/// With a non-empty `config.zipkin_endpoint`, spans that pass the filter are also exported
-/// to Zipkin as `service`, sampled at `config.sample_ratio`, and the W3C trace context and
-/// B3 propagators are installed for [`propagation`].
+/// With a non-empty `config.zipkin_endpoint` or `config.otlp_endpoint` (or both), spans that
+/// pass the filter are also exported to those collectors as `service`, sampled at
+/// `config.sample_ratio`, and the W3C trace context and B3 propagators are installed for
+/// [`propagation`].
 pub fn init(config: &TelemetryConfig, service: Service) -> Result<Guard, InitError> {
     let filter = build_filter(config, std::env::var("RUST_LOG").ok())?;
     if !(0.0..=1.0).contains(&config.sample_ratio) {
         return Err(InitError::SampleRatio(config.sample_ratio));
     }
-    let exporter = if config.zipkin_endpoint.is_empty() {
-        None
-    } else {
-        Some(traces::Exporter::zipkin(
-            &config.zipkin_endpoint,
-            config.sample_ratio,
-            service,
-        )?)
-    };
+    let exporter = traces::Exporter::build(config, service)?;
     let registry = tracing_subscriber::registry()
         .with(filter)
         .with(exporter.as_ref().map(traces::Exporter::layer));
@@ -142,11 +146,18 @@ pub fn init(config: &TelemetryConfig, service: Service) -> Result<Guard, InitErr
     installed.map_err(|_| InitError::AlreadyInstalled)?;
     if let Some(exporter) = &exporter {
         exporter.install_propagators();
-        tracing::info!(
-            endpoint = %config.zipkin_endpoint,
-            sample_ratio = config.sample_ratio,
-            "exporting spans to zipkin"
-        );
+        for (collector, endpoint) in [
+            ("zipkin", &config.zipkin_endpoint),
+            ("otlp", &config.otlp_endpoint),
+        ] {
+            if !endpoint.is_empty() {
+                tracing::info!(
+                    endpoint = %endpoint,
+                    sample_ratio = config.sample_ratio,
+                    "exporting spans to {collector}"
+                );
+            }
+        }
     }
     Ok(Guard { traces: exporter })
 }
@@ -197,6 +208,23 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn a_bad_otlp_endpoint_is_refused_naming_the_key() {
+        let config = TelemetryConfig {
+            otlp_endpoint: "localhost:4318".to_owned(),
+            ..TelemetryConfig::default()
+        };
+        let service = Service {
+            name: "test",
+            version: "0",
+        };
+        let err = init(&config, service).unwrap_err();
+        assert!(
+            err.to_string().starts_with("telemetry.otlp_endpoint: "),
+            "{err}"
+        );
     }
 
     #[test]
