@@ -15,6 +15,7 @@ use tokio::sync::watch;
 
 pub mod pg_cluster;
 pub mod proxy;
+pub mod scrape;
 pub mod tls_postgres;
 pub mod traces;
 

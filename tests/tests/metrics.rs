@@ -4,73 +4,14 @@
 //! SQLite only: the series do not depend on the backend, and the PostgreSQL pool gauges
 //! are not asserted here.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::json;
+use tests::scrape::{parse, scrape, value};
 use tests::{Backend, Service, Upstream, eventually, http};
 
 const WAIT: Duration = Duration::from_secs(20);
 const POLL: Duration = Duration::from_millis(20);
-
-/// One sample: the series name and its labels, sorted by name.
-type Series = (String, Vec<(String, String)>);
-
-/// Parses the Prometheus text format into samples; comment lines are skipped.
-fn parse(text: &str) -> anyhow::Result<BTreeMap<Series, f64>> {
-    let mut samples = BTreeMap::new();
-    for line in text.lines() {
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (series, value) = line
-            .rsplit_once(' ')
-            .ok_or_else(|| anyhow::anyhow!("no value in {line:?}"))?;
-        let value: f64 = value.parse()?;
-        let (name, labels) = match series.split_once('{') {
-            None => (series, Vec::new()),
-            Some((name, rest)) => {
-                let inner = rest.strip_suffix('}').unwrap_or(rest);
-                let mut labels: Vec<(String, String)> = inner
-                    .split("\",")
-                    .filter(|pair| !pair.is_empty())
-                    .filter_map(|pair| pair.split_once('='))
-                    .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
-                    .collect();
-                labels.sort();
-                (name, labels)
-            }
-        };
-        samples.insert((name.to_owned(), labels), value);
-    }
-    Ok(samples)
-}
-
-/// The value of `name{labels}`, if the series exists.
-fn value(samples: &BTreeMap<Series, f64>, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let mut labels: Vec<(String, String)> = labels
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    labels.sort();
-    samples.get(&(name.to_owned(), labels)).copied()
-}
-
-async fn scrape(service: &Service) -> anyhow::Result<(String, String)> {
-    let response = http().get(service.admin_url("/metrics")).send().await?;
-    anyhow::ensure!(
-        response.status() == 200,
-        "GET /metrics answered {}",
-        response.status()
-    );
-    let content_type = response
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    Ok((content_type, response.text().await?))
-}
 
 async fn post(service: &Service, body: &str) -> anyhow::Result<u16> {
     let response = http()

@@ -348,6 +348,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
              \x20 Zipkin      http://127.0.0.1:9411/\n\
              \x20 upstream    http://127.0.0.1:9010/objects/0\n\
              \x20 Prometheus  http://127.0.0.1:9091/\n\
+             \x20 Grafana     http://127.0.0.1:3000/  (the callback-service dashboard)\n\
              `cargo xtask compose logs` follows the logs; `cargo xtask compose down` stops it all."
         );
     }
