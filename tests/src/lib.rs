@@ -496,7 +496,10 @@ impl Service {
             .env("RUST_LOG", "info")
             .env("CALLBACK_HTTP__LISTEN", "127.0.0.1:0")
             .env("CALLBACK_ADMIN__LISTEN", "127.0.0.1:0")
-            .env("CALLBACK_PIPELINE__INSTANCE_ID", &instance_id);
+            .env("CALLBACK_PIPELINE__INSTANCE_ID", &instance_id)
+            // The tests that stop a service with SIGTERM test the drain, not the delay
+            // before it (tests/tests/probes.rs sets one).
+            .env("CALLBACK_HTTP__SHUTDOWN_DELAY_MS", "0");
         for (key, value) in &env {
             command.env(key, value);
         }

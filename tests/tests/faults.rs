@@ -997,6 +997,27 @@ async fn postgres_lost_while_running_answers_503_then_resumes_the_accepted_work(
         }
         let answer = health(&service).await?;
         answer.ensure_database_down("health during the outage")?;
+        // The probes: not ready (naming the database) but alive, so an orchestrator takes
+        // the instance out of rotation without restarting it.
+        eventually(WAIT, POLL, || async {
+            let ready = Answer::read(http().get(service.url("/readyz"))).await?;
+            Ok((ready.status == 503).then_some(ready))
+        })
+        .await
+        .context("/readyz did not turn 503 while the database was cut")
+        .and_then(|ready| {
+            ensure!(
+                ready.body["error"] == "not_ready" && ready.body["component"] == "database",
+                "/readyz does not name the database: {}",
+                ready.body
+            );
+            Ok(())
+        })?;
+        let live = Answer::read(http().get(service.url("/livez"))).await?;
+        ensure!(
+            live.status == 200 && live.body["status"] == "alive",
+            "/livez must answer 200 while the database is cut: {live:?}"
+        );
         // The fetches in flight finish meanwhile, and their outcomes cannot be written.
         eventually(WAIT, POLL, || async {
             let stats = admin_json(&service, "/stats").await?;
@@ -1013,6 +1034,12 @@ async fn postgres_lost_while_running_answers_503_then_resumes_the_accepted_work(
         })
         .await
         .context("health did not come back with the database")?;
+        eventually(WAIT, POLL, || async {
+            let ready = Answer::read(http().get(service.url("/readyz"))).await?;
+            Ok((ready.status == 200).then_some(()))
+        })
+        .await
+        .context("/readyz did not come back with the database")?;
         ensure!(
             proxy.open_connections() > 0,
             "the service reaches the database through the proxy"

@@ -122,6 +122,9 @@ pub struct HttpSection {
     pub max_body_memory_bytes: usize,
     /// How long shutdown waits for requests in flight.
     pub shutdown_grace_ms: u64,
+    /// On SIGTERM, how long `GET /readyz` answers 503 while everything is still served,
+    /// before the listener stops accepting (load balancers stop sending meanwhile).
+    pub shutdown_delay_ms: u64,
     /// The API's certificate chain (PEM); with `tls_key_file`, the API speaks HTTPS only.
     /// Empty: plain HTTP.
     pub tls_cert_file: String,
@@ -142,6 +145,7 @@ impl Default for HttpSection {
             max_connections: 10_000,
             max_body_memory_bytes: 67_108_864,
             shutdown_grace_ms: 10_000,
+            shutdown_delay_ms: 5_000,
             tls_cert_file: String::new(),
             tls_key_file: String::new(),
             tls_reload_interval_ms: 2_000,

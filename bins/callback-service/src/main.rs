@@ -198,6 +198,12 @@ async fn run(config: Config, metrics: telemetry::metrics::MetricsHandle) -> anyh
     );
     let app = Application::new(pipeline.handle(), Arc::clone(&store), Arc::clone(&clock));
     let shutdown = CancellationToken::new();
+    let readiness = tokio::spawn(app.readiness_monitor().run(
+        ms(config.pipeline.poll_interval_ms),
+        READINESS_PING_TIMEOUT,
+        shutdown.child_token(),
+    ));
+    let probes = app.clone();
     let sweeper = tokio::spawn(
         Sweeper::new(
             store,
@@ -246,6 +252,22 @@ async fn run(config: Config, metrics: telemetry::metrics::MetricsHandle) -> anyh
     ));
 
     let signal = wait_for_signal().await?;
+    probes.begin_shutdown();
+    let delay = ms(config.http.shutdown_delay_ms);
+    if signal == "SIGTERM" && !delay.is_zero() {
+        tracing::info!(
+            signal,
+            delay_ms = config.http.shutdown_delay_ms,
+            "shutting down: GET /readyz answers 503 from now on; still serving for \
+             http.shutdown_delay_ms so load balancers stop sending (a second signal skips it)"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            again = wait_for_signal() => {
+                tracing::info!(signal = again?, "second signal: not waiting any longer");
+            }
+        }
+    }
     tracing::info!(
         signal,
         "shutting down: no new connections, draining requests in flight"
@@ -259,6 +281,11 @@ async fn run(config: Config, metrics: telemetry::metrics::MetricsHandle) -> anyh
             }
             Err(err) => tracing::error!(server = name, error = %err, "server task panicked"),
         }
+    }
+    // Both hold pipeline handles: gone before the pipeline drains, or its writer waits.
+    drop(probes);
+    if let Err(err) = readiness.await {
+        tracing::error!(error = %err, "readiness monitor panicked");
     }
     let left = pipeline.shutdown(ms(config.pipeline.drain_grace_ms)).await;
     if let Err(err) = sweeper.await {
@@ -314,6 +341,10 @@ fn reload_certificates_on_sighup(
     });
     Ok(())
 }
+
+/// How long the readiness monitor's database ping may take before the instance counts as
+/// not ready; well under a probe's usual period, so one slow ping shows within one probe.
+const READINESS_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How often at most the file size limit is logged while writes keep reaching it.
 #[cfg(unix)]

@@ -10,6 +10,7 @@ use crate::pipeline::{PipelineHandle, PipelineStats, SubmitError};
 use crate::ports::{
     Clock, DeadLetter, FailureFilter, FailureQuery, ObjectStore, StoreError, StoredObject,
 };
+use crate::readiness::{NotReady, ReadinessMonitor, ReadinessState};
 use crate::time::Timestamp;
 
 /// What an accepted callback was recorded as.
@@ -85,6 +86,7 @@ pub struct Application {
     pipeline: PipelineHandle,
     store: Arc<dyn ObjectStore>,
     clock: Arc<dyn Clock>,
+    readiness: Arc<ReadinessState>,
 }
 
 impl std::fmt::Debug for Application {
@@ -106,7 +108,33 @@ impl Application {
             pipeline,
             store,
             clock,
+            readiness: Arc::default(),
         }
+    }
+
+    /// Whether this instance can take callbacks now (`GET /readyz`): not shutting down,
+    /// the database answered its latest ping and inbox writes succeed, the backlog below
+    /// `pipeline.max_pending_ids`. Never waits: the database's part comes from the
+    /// [`Application::readiness_monitor`], which must run for this to turn ready.
+    pub fn readiness(&self) -> Result<(), NotReady> {
+        self.readiness.check(&self.pipeline)
+    }
+
+    /// The task that pings the database for [`Application::readiness`]; run it once.
+    pub fn readiness_monitor(&self) -> ReadinessMonitor {
+        ReadinessMonitor {
+            state: Arc::clone(&self.readiness),
+            pipeline: self.pipeline.clone(),
+            store: Arc::clone(&self.store),
+        }
+    }
+
+    /// Says a shutdown has begun: from now on [`Application::readiness`] is
+    /// [`NotReady::ShuttingDown`], while requests are still served, so load balancers
+    /// stop sending before the listener closes.
+    pub fn begin_shutdown(&self) {
+        self.readiness.begin_shutdown();
+        self.readiness.check(&self.pipeline).ok();
     }
 
     /// Records a callback durably; once this returns `Ok`, every distinct id will be

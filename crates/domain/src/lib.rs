@@ -12,6 +12,7 @@ pub mod log_budget;
 pub mod metrics;
 pub mod pipeline;
 pub mod ports;
+pub mod readiness;
 pub mod retry;
 pub mod time;
 
@@ -29,4 +30,5 @@ pub use ports::{
     ObjectStore, Outcome, Requested, Retry, StoreError, StoredObject, TraceParent,
     TracePropagation,
 };
+pub use readiness::{NotReady, ReadinessMonitor};
 pub use time::{SystemClock, Timestamp};

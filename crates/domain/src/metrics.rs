@@ -58,6 +58,8 @@ pub const STORE_ERRORS: &str = "store_errors_total";
 pub const EXPIRED_ROWS_DELETED: &str = "expired_rows_deleted_total";
 /// How long after the earliest due deadline the sweeper deleted it.
 pub const EXPIRY_LATENESS: &str = "expiry_lateness_seconds";
+/// 1 while the instance can take callbacks (`GET /readyz` answers 200), 0 otherwise.
+pub const SERVICE_READY: &str = "service_ready";
 
 /// Describes every series of this crate to the installed recorder (units and help text).
 pub fn describe() {
@@ -181,6 +183,16 @@ pub fn describe() {
         Unit::Seconds,
         "time from the earliest due deadline to the delete of its batch"
     );
+    describe_gauge!(
+        SERVICE_READY,
+        Unit::Count,
+        "1 while the instance can take callbacks (GET /readyz answers 200), 0 otherwise"
+    );
+}
+
+/// Records whether the instance is ready (cold path: on changes only).
+pub(crate) fn readiness(ready: bool) {
+    gauge!(SERVICE_READY).set(if ready { 1.0 } else { 0.0 });
 }
 
 /// Counts one failed call of a store or inbox `operation` (cold path).

@@ -446,6 +446,11 @@ impl PipelineHandle {
             .map_or(Ok(()), |(_, cause)| Err(cause))
     }
 
+    /// `pipeline.max_pending_ids`: past it callbacks are refused.
+    pub fn max_pending_ids(&self) -> usize {
+        self.shared.config.max_pending_ids
+    }
+
     /// Where the upstream circuit breaker stands.
     pub fn breaker(&self) -> BreakerStatus {
         self.shared.breaker.status(tokio::time::Instant::now())

@@ -1,4 +1,5 @@
-//! The public API: `POST /callback`, `GET /` (health), `GET /objects`, `GET /objects/{id}`.
+//! The public API: `POST /callback`, `GET /` (health), `GET /livez` and `GET /readyz`
+//! (probes), `GET /objects`, `GET /objects/{id}`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,6 +63,8 @@ impl ApiState {
 pub(crate) fn router() -> Router<Arc<ApiState>> {
     Router::new()
         .route(Method::GET, "/", health)
+        .route(Method::GET, "/livez", livez)
+        .route(Method::GET, "/readyz", readyz)
         .route(Method::POST, "/callback", post_callback)
         .route(Method::GET, "/objects", list_objects)
         .route(Method::GET, "/objects/{id}", get_object)
@@ -122,6 +125,27 @@ async fn health(state: Arc<ApiState>, _: Request<Incoming>, _: PathParams) -> Ha
                 details: Some(details),
             })
         }
+    }
+}
+
+/// `200` while the process serves requests: a liveness probe. It asks nothing of the
+/// database or the upstream, so their outages never get a healthy process restarted
+/// (a restart would mend neither).
+async fn livez(_: Arc<ApiState>, _: Request<Incoming>, _: PathParams) -> HandlerResult {
+    json_response(StatusCode::OK, &json!({ "status": "alive" }))
+}
+
+/// `200` when this instance can take callbacks, else `503` naming the component: a
+/// readiness probe. Answers at once from what is known (the database's part is the last
+/// background ping), so a probe's short timeout never makes it look down. Not logged per
+/// request: each change of readiness is logged once where it is found.
+async fn readyz(state: Arc<ApiState>, _: Request<Incoming>, _: PathParams) -> HandlerResult {
+    match state.app.readiness() {
+        Ok(()) => json_response(StatusCode::OK, &json!({ "status": "ready" })),
+        Err(cause) => Err(ApiError::NotReady {
+            message: cause.to_string(),
+            component: cause.component(),
+        }),
     }
 }
 

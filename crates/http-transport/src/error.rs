@@ -62,6 +62,15 @@ pub(crate) enum ApiError {
     /// This build or platform cannot do what the route offers (501).
     #[error("{0}")]
     NotSupported(String),
+    /// `GET /readyz`: this instance cannot take callbacks now (503); `component` names
+    /// why. Not logged per request: readiness logs each change once.
+    #[error("{message}")]
+    NotReady {
+        /// What to tell the probe.
+        message: String,
+        /// `shutdown`, `database` or `backlog`.
+        component: &'static str,
+    },
     /// The service cannot take the request now; the client should retry (503).
     #[error("{message}")]
     Unavailable {
@@ -127,6 +136,7 @@ impl ApiError {
             ApiError::ProfileInProgress(_) => (StatusCode::CONFLICT, "profile_in_progress"),
             ApiError::HeapProfilingDisabled(_) => (StatusCode::CONFLICT, "heap_profiling_disabled"),
             ApiError::NotSupported(_) => (StatusCode::NOT_IMPLEMENTED, "not_supported"),
+            ApiError::NotReady { .. } => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
             ApiError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Internal { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
         };
@@ -153,6 +163,9 @@ impl ApiError {
         } = &self
         {
             envelope.extend(details.clone());
+        }
+        if let ApiError::NotReady { component, .. } = &self {
+            envelope.insert("component".to_owned(), Value::from(*component));
         }
         envelope.insert("error".to_owned(), Value::from(code));
         envelope.insert("message".to_owned(), Value::from(message));
