@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use serde_json::{Value, json};
+use tests::scrape::{parse, scrape, value};
 use tests::{Backend, Service, Upstream, bounded, eventually, http};
 
 const TEST_DEADLINE: Duration = Duration::from_secs(90);
@@ -25,16 +26,8 @@ async fn get(url: &str) -> anyhow::Result<(u16, Value)> {
 }
 
 async fn service_ready_gauge(service: &Service) -> anyhow::Result<Option<f64>> {
-    let text = http()
-        .get(service.admin_url("/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
-    Ok(text.lines().find_map(|line| {
-        line.strip_prefix("service_ready ")
-            .and_then(|value| value.trim().parse().ok())
-    }))
+    let (_, text) = scrape(service).await?;
+    Ok(value(&parse(&text)?, "service_ready", &[]))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

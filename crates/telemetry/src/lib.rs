@@ -191,6 +191,11 @@ mod tests {
         assert!(err.to_string().contains("RUST_LOG"), "{err}");
     }
 
+    const TEST_SERVICE: Service = Service {
+        name: "test",
+        version: "0",
+    };
+
     #[test]
     fn a_sample_ratio_outside_zero_to_one_is_refused() {
         for bad in [-0.1, 1.5, f64::NAN] {
@@ -198,11 +203,7 @@ mod tests {
                 sample_ratio: bad,
                 ..TelemetryConfig::default()
             };
-            let service = Service {
-                name: "test",
-                version: "0",
-            };
-            let err = init(&config, service).unwrap_err();
+            let err = init(&config, TEST_SERVICE).unwrap_err();
             assert!(
                 err.to_string().starts_with("telemetry.sample_ratio"),
                 "{err}"
@@ -216,11 +217,7 @@ mod tests {
             otlp_endpoint: "localhost:4318".to_owned(),
             ..TelemetryConfig::default()
         };
-        let service = Service {
-            name: "test",
-            version: "0",
-        };
-        let err = init(&config, service).unwrap_err();
+        let err = init(&config, TEST_SERVICE).unwrap_err();
         assert!(
             err.to_string().starts_with("telemetry.otlp_endpoint: "),
             "{err}"
