@@ -15,11 +15,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use domain::{TraceParent, TracePropagation};
 use http::HeaderMap;
-use http::header::{HeaderName, HeaderValue};
-use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::{
     SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState,
 };
+use opentelemetry_http::{HeaderExtractor, HeaderInjector};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 /// Whether span export, and so propagation, is on.
@@ -131,33 +130,6 @@ fn parse_traceparent(text: &str) -> Option<SpanContext> {
     let flags = TraceFlags::new(u8::from_str_radix(flags, 16).ok()?);
     let context = SpanContext::new(trace_id, span_id, flags, true, TraceState::default());
     context.is_valid().then_some(context)
-}
-
-/// Writes propagation fields as HTTP headers; a field that is not a valid header is skipped.
-struct HeaderInjector<'h>(&'h mut HeaderMap);
-
-impl Injector for HeaderInjector<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        if let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(key.as_bytes()),
-            HeaderValue::from_str(&value),
-        ) {
-            self.0.insert(name, value);
-        }
-    }
-}
-
-/// Reads propagation fields from HTTP headers; a value that is not text is absent.
-struct HeaderExtractor<'h>(&'h HeaderMap);
-
-impl Extractor for HeaderExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|value| value.to_str().ok())
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(HeaderName::as_str).collect()
-    }
 }
 
 #[cfg(test)]
