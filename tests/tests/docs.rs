@@ -9,7 +9,8 @@
 //!   documented ports (the admin listener on the host's loopback only).
 //! - `docker/Dockerfile` copies files that exist and builds with CI's command.
 //! - `docker/healthcheck.sh`, the image's health check, passes against the real service and
-//!   fails where nothing answers.
+//!   fails where nothing answers; with `/readyz` it fails while the service is alive but not
+//!   ready. The image checks `/livez`, compose's callback-service `/readyz`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -398,10 +399,11 @@ fn the_dockerfile_copies_files_that_exist_and_builds_with_cis_command() -> anyho
     Ok(())
 }
 
-/// Runs `docker/healthcheck.sh` with `CALLBACK_HTTP__LISTEN=listen`.
-async fn health_check(listen: &str) -> anyhow::Result<(bool, String)> {
+/// Runs `docker/healthcheck.sh [path]` with `CALLBACK_HTTP__LISTEN=listen`.
+async fn health_check(listen: &str, path: Option<&str>) -> anyhow::Result<(bool, String)> {
     let run = tokio::process::Command::new("bash")
         .arg(workspace_file("docker/healthcheck.sh"))
+        .args(path)
         .env("CALLBACK_HTTP__LISTEN", listen)
         .kill_on_drop(true)
         .output();
@@ -418,11 +420,14 @@ async fn health_check(listen: &str) -> anyhow::Result<(bool, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_container_health_check_passes_only_against_a_healthy_service() -> anyhow::Result<()> {
+    // The backlog bound is one id and the upstream refuses every connection, so once a
+    // callback of one id is accepted the service stays alive but is not ready (until the
+    // id's retry deadline, 15 s, makes it a failure).
     let Some(service) = Service::start(
         Backend::Sqlite,
         "http://127.0.0.1:9",
         Duration::from_secs(30),
-        &[],
+        &[("CALLBACK_PIPELINE__MAX_PENDING_IDS", "1")],
     )
     .await?
     else {
@@ -430,24 +435,89 @@ async fn the_container_health_check_passes_only_against_a_healthy_service() -> a
     };
     // As in the container: the service listens on every interface, the check asks loopback.
     let listen = format!("0.0.0.0:{}", service.api.port());
-    let (healthy, said) = health_check(&listen).await?;
-    ensure!(
-        healthy,
-        "the health check failed against a healthy service: {said}"
-    );
+    for path in [None, Some("/livez"), Some("/readyz")] {
+        let (healthy, said) = health_check(&listen, path).await?;
+        ensure!(
+            healthy,
+            "the health check {path:?} failed against a healthy service: {said}"
+        );
+    }
+
+    let answer = tests::http()
+        .post(service.url("/callback"))
+        .json(&serde_json::json!({ "object_ids": [1] }))
+        .send()
+        .await?;
+    ensure!(answer.status() == 202, "callback answered {}", answer.status());
+    let said = tests::eventually(Duration::from_secs(10), Duration::from_millis(50), || async {
+        let (healthy, said) = health_check(&listen, Some("/readyz")).await?;
+        Ok((!healthy).then_some(said))
+    })
+    .await
+    .context("the readiness check still passed with the backlog at its bound")?;
+    ensure!(said.contains("503"), "it names the answer: {said}");
+    for path in [None, Some("/livez")] {
+        let (healthy, said) = health_check(&listen, path).await?;
+        ensure!(
+            healthy,
+            "the liveness check {path:?} failed on a live service that is not ready: {said}"
+        );
+    }
 
     // A port nothing listens on: bound, then closed.
     let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let (healthy, said) = health_check(&closed.to_string()).await?;
+    let (healthy, said) = health_check(&closed.to_string(), None).await?;
     ensure!(
         !healthy,
         "the health check passed with nothing listening: {said}"
     );
     ensure!(said.contains("unhealthy"), "it says why: {said}");
 
-    // Something that answers, but not 200: the admin listener has no `GET /`.
-    let (healthy, said) = health_check(&service.admin.to_string()).await?;
+    // Something that answers, but not 200: the admin listener has no `GET /livez`.
+    let (healthy, said) = health_check(&service.admin.to_string(), None).await?;
     ensure!(!healthy, "the health check passed on a 404: {said}");
     ensure!(said.contains("404"), "it names the answer: {said}");
+
+    let (healthy, said) = health_check(&listen, Some("livez")).await?;
+    ensure!(!healthy, "a path without a leading / passed: {said}");
+    Ok(())
+}
+
+#[test]
+fn the_image_checks_liveness_and_compose_waits_for_readiness() -> anyhow::Result<()> {
+    let dockerfile = read_workspace_file("docker/Dockerfile")?;
+    let check = dockerfile
+        .lines()
+        .skip_while(|l| !l.starts_with("HEALTHCHECK"))
+        .take(2)
+        .collect::<String>();
+    ensure!(
+        check.contains(r#"CMD ["/usr/local/bin/healthcheck", "/livez"]"#),
+        "the image's HEALTHCHECK does not run the health check on /livez: {check}"
+    );
+
+    let compose = read_workspace_file("docker/compose.yaml")?;
+    // A top-level service's block: from its `  name:` line to the next service's.
+    let block = |name: &str| -> anyhow::Result<String> {
+        let header = format!("  {name}:");
+        let lines: Vec<&str> = compose
+            .lines()
+            .skip_while(|l| *l != header)
+            .skip(1)
+            .take_while(|l| l.is_empty() || l.starts_with("   ") || l.starts_with("  #"))
+            .collect();
+        ensure!(!lines.is_empty(), "docker/compose.yaml has no service {name}");
+        Ok(lines.join("\n"))
+    };
+    let service = block("callback-service")?;
+    ensure!(
+        service.contains(r#"test: ["CMD", "/usr/local/bin/healthcheck", "/readyz"]"#),
+        "compose's callback-service health check is not /readyz:\n{service}"
+    );
+    let client = block("client-service")?;
+    ensure!(
+        client.contains("callback-service:\n        condition: service_healthy"),
+        "client-service does not wait for callback-service to be ready:\n{client}"
+    );
     Ok(())
 }
