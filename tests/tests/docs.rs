@@ -448,11 +448,19 @@ async fn the_container_health_check_passes_only_against_a_healthy_service() -> a
         .json(&serde_json::json!({ "object_ids": [1] }))
         .send()
         .await?;
-    ensure!(answer.status() == 202, "callback answered {}", answer.status());
-    let said = tests::eventually(Duration::from_secs(10), Duration::from_millis(50), || async {
-        let (healthy, said) = health_check(&listen, Some("/readyz")).await?;
-        Ok((!healthy).then_some(said))
-    })
+    ensure!(
+        answer.status() == 202,
+        "callback answered {}",
+        answer.status()
+    );
+    let said = tests::eventually(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || async {
+            let (healthy, said) = health_check(&listen, Some("/readyz")).await?;
+            Ok((!healthy).then_some(said))
+        },
+    )
     .await
     .context("the readiness check still passed with the backlog at its bound")?;
     ensure!(said.contains("503"), "it names the answer: {said}");
@@ -506,7 +514,10 @@ fn the_image_checks_liveness_and_compose_waits_for_readiness() -> anyhow::Result
             .skip(1)
             .take_while(|l| l.is_empty() || l.starts_with("   ") || l.starts_with("  #"))
             .collect();
-        ensure!(!lines.is_empty(), "docker/compose.yaml has no service {name}");
+        ensure!(
+            !lines.is_empty(),
+            "docker/compose.yaml has no service {name}"
+        );
         Ok(lines.join("\n"))
     };
     let service = block("callback-service")?;
