@@ -14,6 +14,7 @@ use anyhow::Context;
 use serde_json::json;
 
 use super::load::{self, Answer};
+use super::plot::{self, Chart, Figure};
 use super::postgres::Cluster;
 use super::procs::{Bins, Proc, Stack, StackOptions};
 use super::report::{self, Check, Outcome, Table, mb, ms, num, to_mb};
@@ -35,6 +36,9 @@ const RSS_SETTLE: Duration = Duration::from_secs(10);
 #[derive(Debug, Default)]
 struct Tally {
     latencies_ms: Vec<f64>,
+    /// Per accepted callback, beside its latency: when it was sent, in seconds since the
+    /// load started (for the plot; the send time is taken anyway for the latency).
+    sent_s: Vec<f64>,
     accepted: u64,
     non_2xx: u64,
     errors: u64,
@@ -59,7 +63,8 @@ async fn run_load(
             .collect(),
     );
     let url = format!("http://{api}/callback");
-    let end = Instant::now() + seconds;
+    let started = Instant::now();
+    let end = started + seconds;
     let workers: Vec<_> = (0..connections)
         .map(|worker| {
             let (client, bodies, url) = (client.clone(), bodies.clone(), url.clone());
@@ -82,6 +87,9 @@ async fn run_load(
                             tally
                                 .latencies_ms
                                 .push(posted.latency.as_secs_f64() * 1_000.0);
+                            tally
+                                .sent_s
+                                .push(posted.sent.saturating_duration_since(started).as_secs_f64());
                             body_sent[which] = Some(posted.sent_us);
                         }
                         Answer::Refused(_) => tally.non_2xx += 1,
@@ -103,6 +111,7 @@ async fn run_load(
     for worker in workers {
         let t = worker.await?;
         total.latencies_ms.extend(t.latencies_ms);
+        total.sent_s.extend(t.sent_s);
         total.accepted += t.accepted;
         total.non_2xx += t.non_2xx;
         total.errors += t.errors;
@@ -226,6 +235,7 @@ pub async fn run(
         eprintln!("bench: the zipkin sink received {batches} span batches");
     }
 
+    let figure = figure(&tally, connections);
     let sorted = report::sorted(tally.latencies_ms);
     let (p50, p99, p999) = (
         report::percentile(&sorted, 50.0),
@@ -346,5 +356,47 @@ pub async fn run(
         "rss_after_wait_s": num(settled_in.as_secs_f64()),
         "kept_up_ms": kept_up_ms.map(num),
     });
-    Ok(Outcome { json, checks })
+    Ok(Outcome {
+        json,
+        checks,
+        figure: Some(figure),
+    })
+}
+
+/// Accepted callbacks per second and their ack latency per second, by send time.
+fn figure(tally: &Tally, connections: usize) -> Figure {
+    let samples: Vec<(f64, f64)> = tally
+        .sent_s
+        .iter()
+        .copied()
+        .zip(tally.latencies_ms.iter().copied())
+        .collect();
+    let buckets = plot::buckets(&samples, 1.0);
+    let x = "time since the load started (s), by send time, 1 s buckets";
+    let series = |name: &str, value: fn(&plot::Bucket) -> f64| {
+        plot::bucket_series(name, &buckets, 1.0, value)
+    };
+    Figure {
+        file: "ingress.svg",
+        charts: vec![
+            Chart::new(
+                format!(
+                    "ingress: accepted callbacks per second ({connections} connections, 200 ids each, closed loop)"
+                ),
+                x,
+                "accepted callbacks/s",
+                vec![series("accepted callbacks/s", |b| b.count as f64)],
+            ),
+            Chart::new(
+                "ingress: ack latency per second (send → whole 202 read)",
+                x,
+                "ack latency (ms)",
+                vec![
+                    series("p50", |b| b.p50),
+                    series("p99", |b| b.p99),
+                    series("max", |b| b.max),
+                ],
+            ),
+        ],
+    }
 }

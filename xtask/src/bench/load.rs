@@ -82,6 +82,8 @@ pub struct Posted {
     pub sent_us: i64,
     /// Wall-clock time the whole answer was read (µs since the epoch).
     pub answered_us: i64,
+    /// When the request was sent (monotonic: offsets into a phase for the plots).
+    pub sent: Instant,
     /// Time from sending to reading the whole answer.
     pub latency: Duration,
 }
@@ -121,6 +123,7 @@ pub async fn post_with(
         answer,
         sent_us,
         answered_us: now_micros(),
+        sent: started,
         latency: started.elapsed(),
     }
 }

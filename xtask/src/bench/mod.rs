@@ -6,6 +6,14 @@
 //! the service's RSS and CPU from `/proc`, stops everything (also on an error or Ctrl-C),
 //! and prints a table per scenario, the targets met or missed, and one JSON line.
 //!
+//! Everything lands in `--out` (`target/bench` by default): `bench.json` (the JSON line)
+//! and an SVG plot per scenario that ran: `ingress.svg` (accepted callbacks/s and ack
+//! latency p50/p99/max per 1 s bucket over the load), `pipeline.svg` (visibility lag
+//! p50/p99/max and the accepted rate per rate step), `real.svg` (each callback's lag and
+//! RSS over the run) and `soak.svg` (RSS and open fds over the run). The scenarios keep
+//! their samples with offsets from the phase start (times they take anyway) and `plot`
+//! draws them after the load.
+//!
 //! Scenarios: `ingress` (closed loop, 32 connections of 200-id callbacks), `pipeline`
 //! (unique ids at rising open-loop rates: the highest rate stored within 1 s), `real` (the
 //! reference client against the reference upstream: CPU, RSS, lags, deletion lateness)
@@ -13,11 +21,13 @@
 //!
 //! Code map: `procs` starts and samples the children, `postgres` the throwaway cluster,
 //! `load` has the request and open-loop parts every scenario shares, `store` reads
-//! `GET /objects` and `GET /metrics`, `report` formats tables and checks.
+//! `GET /objects` and `GET /metrics`, `report` formats tables and checks, `plot` writes
+//! the SVG line charts.
 
 mod ingress;
 mod load;
 mod pipeline;
+mod plot;
 // The throwaway cluster the e2e tests use too, compiled here from its one source file.
 #[path = "../../../tests/src/pg_cluster.rs"]
 mod postgres;
@@ -30,7 +40,7 @@ mod zipkin;
 
 pub use procs::terminate;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
@@ -44,7 +54,11 @@ use report::{Check, Outcome};
 Without a scenario, runs ingress, pipeline and real in turn (about 3 minutes after the build); \
 soak runs only when named. Each scenario gets a fresh service, simulator and database. \
 The exit status is 0 whenever the measurements ran: a missed target shows as FAIL in the \
-tables and as \"pass\": false in the JSON line, which always comes last on stdout.")]
+tables and as \"pass\": false in the JSON line, which always comes last on stdout. \
+The JSON line is also written to bench.json in --out (target/bench by default), with an SVG \
+plot per scenario that ran: ingress.svg (callbacks/s and ack latency per second), \
+pipeline.svg (lag per rate step), real.svg (lag and RSS over time), soak.svg (RSS and open \
+fds over time); the paths written are printed on stderr.")]
 pub struct Args {
     /// Scenarios to run, in order [default: ingress pipeline real]
     #[arg(value_enum)]
@@ -55,6 +69,9 @@ pub struct Args {
     /// Also write the JSON result to this file
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Folder for bench.json and the SVG plots [default: target/bench in the workspace]
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
     /// Length of each load phase in seconds [default: ingress 20, each pipeline step 10, real 60, soak 600]
     #[arg(long, value_name = "S", visible_alias = "duration-s", value_parser = clap::value_parser!(u64).range(1..))]
     seconds: Option<u64>,
@@ -205,8 +222,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let scenarios = args.scenarios();
     let root = crate::workspace_root()?;
     let bins = procs::build_release(&root).await?;
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| root.join("target").join("bench"));
     let mut results = Vec::new();
     let mut checks: Vec<Check> = Vec::new();
+    let mut figures = Vec::new();
     for &scenario in &scenarios {
         let cluster = match args.db {
             Db::Postgres => {
@@ -239,6 +261,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let outcome = outcome.with_context(|| format!("bench {}", scenario.name()))?;
         results.push(outcome.json);
         checks.extend(outcome.checks);
+        figures.extend(outcome.figure);
     }
     report::print_checks(&checks);
     let failed = checks
@@ -252,13 +275,37 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "checks": checks.iter().map(Check::to_json).collect::<Vec<_>>(),
         "pass": failed == 0,
     });
+    let written = write_out(&out, &json, &figures)?;
     println!();
     println!("{json}");
     if let Some(path) = &args.json {
         std::fs::write(path, format!("{json}\n"))
             .with_context(|| format!("write {}", path.display()))?;
     }
+    for path in written.iter().chain(&args.json) {
+        eprintln!("bench: wrote {}", path.display());
+    }
     Ok(())
+}
+
+/// Writes `bench.json` and each figure's SVG into `out` (created if missing); returns the
+/// paths written.
+fn write_out(
+    out: &Path,
+    json: &serde_json::Value,
+    figures: &[plot::Figure],
+) -> anyhow::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
+    let path = out.join("bench.json");
+    std::fs::write(&path, format!("{json}\n"))
+        .with_context(|| format!("write {}", path.display()))?;
+    let mut written = vec![path];
+    for figure in figures {
+        let path = out.join(figure.file);
+        plot::write(&path, figure)?;
+        written.push(path);
+    }
+    Ok(written)
 }
 
 fn db_name(db: Db) -> &'static str {
@@ -328,5 +375,37 @@ mod tests {
             load::Auth::Bearer
         );
         assert!(parse(&["--auth", "basic"]).is_err());
+        assert_eq!(parse(&[]).unwrap().out, None);
+        assert_eq!(
+            parse(&["--out", "some/dir"]).unwrap().out,
+            Some(PathBuf::from("some/dir"))
+        );
+    }
+
+    #[test]
+    fn the_out_folder_gets_the_json_line_and_one_svg_per_figure() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("nested").join("bench");
+        let json = json!({ "pass": true });
+        let figure = plot::Figure {
+            file: "pipeline.svg",
+            charts: vec![plot::Chart::new(
+                "lag",
+                "target rate (ids/s)",
+                "lag (ms)",
+                vec![plot::Series::new(
+                    "p99",
+                    vec![(2_000.0, 30.0), (5_000.0, 40.0)],
+                )],
+            )],
+        };
+        let written = write_out(&out, &json, &[figure]).unwrap();
+        assert_eq!(written, [out.join("bench.json"), out.join("pipeline.svg")]);
+        assert_eq!(
+            std::fs::read_to_string(out.join("bench.json")).unwrap(),
+            "{\"pass\":true}\n"
+        );
+        let svg = std::fs::read_to_string(out.join("pipeline.svg")).unwrap();
+        assert!(svg.contains("target rate (ids/s)") && svg.contains(">\np99\n</text>"));
     }
 }

@@ -26,6 +26,7 @@ use serde_json::{Value, json};
 use tokio::time::MissedTickBehavior;
 
 use super::load::{self, Answer, Background, IDS_PER_CALLBACK, Posted, lock};
+use super::plot::{Chart, Figure, Series};
 use super::postgres::Cluster;
 use super::procs::{Bins, Stack, StackOptions};
 use super::report::{self, Check, Outcome, Table, mb, ms, num, to_mb};
@@ -465,7 +466,58 @@ pub async fn run(
     Ok(Outcome {
         json,
         checks: vec![check],
+        figure: Some(figure(&steps, options.deadline)),
     })
+}
+
+/// Per step (x = its target rate): lag p50/p99/max, and the accepted rate.
+fn figure(steps: &[StepResult], deadline: Duration) -> Figure {
+    let deadline_ms = deadline.as_secs_f64() * 1_000.0;
+    let x = "target rate (ids/s)";
+    // An id never seen has an infinite lag: drawn at the deadline, and the legend says so.
+    let lag = |name: &str, p: f64| {
+        let points: Vec<(f64, f64)> = steps
+            .iter()
+            .map(|step| {
+                (
+                    step.target as f64,
+                    report::percentile(&step.figures.lags_ms, p),
+                )
+            })
+            .collect();
+        let clamped = points.iter().any(|(_, lag)| lag.is_infinite());
+        let name = if clamped {
+            format!("{name} (not visible: drawn at the {deadline_ms:.0} ms deadline)")
+        } else {
+            name.to_owned()
+        };
+        let points = points
+            .into_iter()
+            .map(|(x, lag)| (x, if lag.is_infinite() { deadline_ms } else { lag }))
+            .collect();
+        Series::new(name, points)
+    };
+    let rate = |f: fn(&StepResult) -> f64| steps.iter().map(|s| (s.target as f64, f(s))).collect();
+    Figure {
+        file: "pipeline.svg",
+        charts: vec![
+            Chart::new(
+                "pipeline: visibility lag per rate step (202 read → first poll showing the id)",
+                x,
+                "visibility lag (ms)",
+                vec![lag("p50", 50.0), lag("p99", 99.0), lag("max", 100.0)],
+            ),
+            Chart::new(
+                "pipeline: accepted rate per step (open loop, 200 fresh ids per callback)",
+                x,
+                "ids/s",
+                vec![
+                    Series::new("target", rate(|s| s.target as f64)),
+                    Series::new("accepted", rate(StepResult::accepted_per_s)),
+                ],
+            ),
+        ],
+    }
 }
 
 #[cfg(test)]
@@ -477,6 +529,7 @@ mod tests {
             answer,
             sent_us: answered_us - 1_000,
             answered_us,
+            sent: Instant::now(),
             latency: Duration::from_millis(1),
         }
     }

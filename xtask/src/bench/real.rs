@@ -20,6 +20,7 @@ use serde_json::json;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::load::{self, Answer, Background, Posted, lock};
+use super::plot::{Chart, Figure, Series};
 use super::postgres::Cluster;
 use super::procs::{Bins, Stack, StackOptions};
 use super::report::{self, Check, Outcome, Table, mb, ms, num, to_mb};
@@ -64,6 +65,8 @@ struct Pending {
 struct Tracker {
     pending: Vec<Pending>,
     lags_ms: Vec<f64>,
+    /// Beside each lag: when its callback was sent (µs since the epoch), for the plot.
+    lag_sent_us: Vec<i64>,
     fetched_ms: Vec<f64>,
     not_visible: u64,
     accepted: u64,
@@ -112,6 +115,7 @@ impl Tracker {
             if let Some(row) = fresh {
                 self.lags_ms
                     .push((at_us - pending.acked_us).max(0) as f64 / 1_000.0);
+                self.lag_sent_us.push(pending.sent_us);
                 self.fetched_ms
                     .push((row.last_seen_us - pending.acked_us) as f64 / 1_000.0);
             } else if at_us - pending.acked_us > give_up_us {
@@ -178,6 +182,7 @@ pub async fn run(
     let url = format!("http://{}/callback", stack.api);
     let cpu = stack.service.cpu_meter();
     let started = Instant::now();
+    let started_us = load::now_micros();
     let mut sender = {
         let tracker = Arc::clone(&tracker);
         let per_second = 1.0 / INTERVAL.as_secs_f64();
@@ -192,6 +197,7 @@ pub async fn run(
         }))
     };
     let (mut rss_sum, mut rss_samples, mut rss_max) = (0_u64, 0_u64, None::<u64>);
+    let mut rss_points = Vec::new();
     let mut sample = tokio::time::interval(Duration::from_secs(1));
     let load_end = started + options.duration;
     while Instant::now() < load_end {
@@ -202,6 +208,7 @@ pub async fn run(
                     rss_sum += rss;
                     rss_samples += 1;
                     rss_max = Some(rss_max.map_or(rss, |max| max.max(rss)));
+                    rss_points.push((started.elapsed().as_secs_f64(), to_mb(rss)));
                 }
             }
             () = tokio::time::sleep_until(load_end) => {}
@@ -317,6 +324,13 @@ pub async fn run(
             late_p99.map(|s| s <= DELETION_P99_TARGET_S),
         ),
     ];
+    let lag_points: Vec<(f64, f64)> = tracker
+        .lag_sent_us
+        .iter()
+        .zip(&tracker.lags_ms)
+        .map(|(&sent_us, &lag)| ((sent_us - started_us) as f64 / 1e6, lag))
+        .collect();
+    let figure = figure(lag_points, rss_points, options.poll);
     let json = json!({
         "scenario": "real",
         "seconds": num(window.as_secs_f64()),
@@ -342,7 +356,45 @@ pub async fn run(
         "deletion_lateness_p99_ms_bound": late_p99.map(|s| num(s * 1_000.0)),
         "deletion_lateness_mean_ms": num(late_mean * 1_000.0),
     });
-    Ok(Outcome { json, checks })
+    Ok(Outcome {
+        json,
+        checks,
+        figure: Some(figure),
+    })
+}
+
+/// Each visible id's lag at its callback's send time, and RSS each second.
+fn figure(lags: Vec<(f64, f64)>, rss: Vec<(f64, f64)>, poll: Duration) -> Figure {
+    let x = "time since the load started (s)";
+    // The ids of one callback share a send time: their largest lag is the callback's.
+    let mut slowest: Vec<(f64, f64)> = Vec::new();
+    for (at, lag) in lags {
+        match slowest.iter_mut().find(|(seen, _)| *seen == at) {
+            Some(point) => point.1 = point.1.max(lag),
+            None => slowest.push((at, lag)),
+        }
+    }
+    slowest.sort_by(|a, b| a.0.total_cmp(&b.0));
+    Figure {
+        file: "real.svg",
+        charts: vec![
+            Chart::new(
+                format!(
+                    "real: visibility lag per callback (slowest even id; polls every {} ms)",
+                    poll.as_millis()
+                ),
+                format!("{x}, by send time"),
+                "visibility lag (ms)",
+                vec![Series::new("slowest id of the callback", slowest)],
+            ),
+            Chart::new(
+                "real: service RSS (one 200-id callback every 5 s, upstream 300–4000 ms)",
+                x,
+                "RSS, VmRSS (MB)",
+                vec![Series::new("RSS (MB)", rss)],
+            ),
+        ],
+    }
 }
 
 #[cfg(test)]
@@ -364,6 +416,7 @@ mod tests {
             answer: Answer::Accepted,
             sent_us: 1_000_000,
             answered_us: 1_010_000,
+            sent: std::time::Instant::now(),
             latency: Duration::from_millis(10),
         };
         tracker.answer(&[4, 3, 4, 6, 8], &posted);

@@ -148,6 +148,8 @@ pub fn verdict(pass: Option<bool>) -> &'static str {
 pub struct Outcome {
     pub json: Value,
     pub checks: Vec<Check>,
+    /// What the scenario plots, written next to the JSON.
+    pub figure: Option<super::plot::Figure>,
 }
 
 /// Prints every check of the run as one table.

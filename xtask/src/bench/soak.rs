@@ -23,6 +23,7 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use super::load::{self, Answer, Background, IDS_PER_CALLBACK, Posted};
+use super::plot::{Chart, Figure, Series};
 use super::postgres::Cluster;
 use super::procs::{Bins, Stack, StackOptions};
 use super::report::{self, Check, Outcome, Table, mb, num, to_mb};
@@ -241,17 +242,22 @@ pub async fn run(
     let started = Instant::now();
     let end = started + options.duration;
     let (mut rss, mut fds) = (Vec::new(), Vec::new());
+    // When each sample was taken, in seconds since the load started (for the plot).
+    let (mut rss_at, mut fds_at) = (Vec::new(), Vec::new());
     let mut sample = tokio::time::interval(SAMPLE_EVERY);
     let mut next_report = started + Duration::from_secs(60);
     while Instant::now() < end {
         tokio::select! {
             _ = sample.tick() => {
                 stack.ensure_running()?;
+                let at = started.elapsed().as_secs_f64();
                 if let Some(bytes) = stack.service.rss_bytes() {
                     rss.push(to_mb(bytes));
+                    rss_at.push(at);
                 }
                 if let Some(n) = stack.service.fd_count() {
                     fds.push(n as f64);
+                    fds_at.push(at);
                 }
                 if Instant::now() >= next_report {
                     next_report += Duration::from_secs(60);
@@ -369,6 +375,7 @@ pub async fn run(
             fd_trend.and_then(|t| t.grew).map(|grew| !grew),
         ),
     ];
+    let figure = figure(zip(&rss_at, &rss), zip(&fds_at, &fds), options.rate, wall);
     let json = json!({
         "scenario": "soak",
         "seconds": num(wall.as_secs_f64()),
@@ -386,7 +393,44 @@ pub async fn run(
         "rss_samples_mb": rss.iter().copied().map(num).collect::<Vec<_>>(),
         "fd_samples": fds,
     });
-    Ok(Outcome { json, checks })
+    Ok(Outcome {
+        json,
+        checks,
+        figure: Some(figure),
+    })
+}
+
+fn zip(at: &[f64], values: &[f64]) -> Vec<(f64, f64)> {
+    at.iter().copied().zip(values.iter().copied()).collect()
+}
+
+/// RSS and open fds over the run, one point per sample.
+fn figure(rss: Vec<(f64, f64)>, fds: Vec<(f64, f64)>, rate: u64, wall: Duration) -> Figure {
+    let x = format!(
+        "time since the load started (s), a sample every {} s",
+        SAMPLE_EVERY.as_secs()
+    );
+    let load = format!(
+        "{:.0} s: reference client + {rate} fresh ids/s + a reader",
+        wall.as_secs_f64()
+    );
+    Figure {
+        file: "soak.svg",
+        charts: vec![
+            Chart::new(
+                format!("soak: service RSS ({load})"),
+                x.as_str(),
+                "RSS, VmRSS (MB)",
+                vec![Series::new("RSS (MB)", rss)],
+            ),
+            Chart::new(
+                format!("soak: service open file descriptors ({load})"),
+                x.as_str(),
+                "open fds (/proc/<pid>/fd)",
+                vec![Series::new("open fds", fds)],
+            ),
+        ],
+    }
 }
 
 #[cfg(test)]
