@@ -448,6 +448,9 @@ fn status_of_constant(name: &str) -> Option<u16> {
 /// The `(StatusCode::NAME, "code")` pairs of the one function that maps errors to responses.
 fn codes_in_error_rs() -> anyhow::Result<BTreeMap<String, u16>> {
     let source = read_workspace_file("crates/http-transport/src/error.rs")?;
+    // rustfmt breaks a long pair after its `(`: join the lines back.
+    let source = source.split_whitespace().collect::<Vec<_>>().join(" ");
+    let source = source.replace("( ", "(");
     let mut codes = BTreeMap::new();
     for piece in source.split("(StatusCode::").skip(1) {
         let Some((name, rest)) = piece.split_once(',') else {

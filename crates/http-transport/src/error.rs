@@ -36,6 +36,9 @@ pub(crate) enum ApiError {
     /// The body, or the number of ids in it, is over a limit (413).
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// The request's header fields are over [`crate::router::MAX_HEADER_BYTES`] (431).
+    #[error("{0}")]
+    HeadersTooLarge(String),
     /// The body is not declared as JSON (415).
     #[error("{0}")]
     UnsupportedMediaType(String),
@@ -128,6 +131,10 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }
+            ApiError::HeadersTooLarge(_) => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers_too_large",
+            ),
             ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed { .. } => {

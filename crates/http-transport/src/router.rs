@@ -15,6 +15,22 @@ use crate::error::ApiError;
 use crate::json::Reply;
 use crate::metrics;
 
+/// The most header bytes a request may carry (names and values, plus `": "` and CRLF for
+/// each field, as on the HTTP/1.1 wire): larger requests are answered `431` with the
+/// envelope before routing. A cookie jar or a token fits many times over; a caller sending
+/// more is broken or hostile. The connection's read buffer is capped at
+/// [`crate::server::MAX_REQUEST_HEAD_BYTES`] above this, past which hyper itself answers
+/// `431` (without a body: it has no request to hand us).
+pub(crate) const MAX_HEADER_BYTES: usize = 32 * 1024;
+
+/// The size [`MAX_HEADER_BYTES`] counts.
+fn header_bytes(headers: &http::HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum()
+}
+
 /// What a handler returns: a response, or an error [`ApiError::into_response`] will render.
 pub(crate) type HandlerResult = Result<Reply, ApiError>;
 
@@ -238,6 +254,13 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
         let version = req.version();
         let started = tokio::time::Instant::now();
         let outcome = match resolved {
+            _ if header_bytes(req.headers()) > MAX_HEADER_BYTES => {
+                Err(ApiError::HeadersTooLarge(format!(
+                    "the request's header fields are {} bytes, over the limit of \
+                     {MAX_HEADER_BYTES}",
+                    header_bytes(req.headers())
+                )))
+            }
             Resolved::Found(handler, params, _) => {
                 // The handler is called inside the barrier too, in case building its future panics.
                 let handler = Arc::clone(handler);
@@ -260,7 +283,11 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
             ))),
         };
         let mut response = outcome.unwrap_or_else(ApiError::into_response);
-        if response.status() == http::StatusCode::PAYLOAD_TOO_LARGE && version <= Version::HTTP_11 {
+        let refused_unread = matches!(
+            response.status(),
+            http::StatusCode::PAYLOAD_TOO_LARGE | http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        );
+        if refused_unread && version <= Version::HTTP_11 {
             // The rest of the body may still be on its way: do not read it, close instead.
             response
                 .headers_mut()

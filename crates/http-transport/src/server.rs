@@ -25,6 +25,12 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// How long an HTTP/2 keep-alive ping may go unanswered before the connection is closed.
 const HTTP2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// The largest request head (request line and header fields) a connection buffers: past it
+/// hyper answers `431` itself (HTTP/1.1) or refuses the stream (HTTP/2). Above the router's
+/// [`crate::router::MAX_HEADER_BYTES`], so a request between the two gets the envelope.
+/// hyper's default is about 400 KiB per connection.
+pub(crate) const MAX_REQUEST_HEAD_BYTES: usize = 64 * 1024;
+
 /// The connection-level limits of one listener.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Settings {
@@ -52,6 +58,7 @@ pub(crate) fn connection_builder(settings: &Settings) -> auto::Builder<TokioExec
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
+        .max_buf_size(MAX_REQUEST_HEAD_BYTES)
         .keep_alive(true)
         // A client may send its request and then shut its sending half (`shutdown(SHUT_WR)`,
         // `curl` piping a body, load balancers draining): it still gets its answer. Without
@@ -63,7 +70,8 @@ pub(crate) fn connection_builder(settings: &Settings) -> auto::Builder<TokioExec
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(settings.http2_keep_alive_interval)
-        .keep_alive_timeout(HTTP2_KEEP_ALIVE_TIMEOUT);
+        .keep_alive_timeout(HTTP2_KEEP_ALIVE_TIMEOUT)
+        .max_header_list_size(MAX_REQUEST_HEAD_BYTES as u32);
     builder
 }
 

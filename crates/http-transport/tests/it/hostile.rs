@@ -23,7 +23,7 @@ use proptest::sample::select;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use tokio::io::AsyncWriteExt as _;
 
-use crate::support::{Options, TestServer, raw_send, read_until_closed};
+use crate::support::{Options, TestServer, raw_send, read_until_closed, within};
 
 /// The default `http.max_ids`.
 const MAX_IDS: usize = 10_000;
@@ -595,5 +595,91 @@ async fn conflicting_framing_is_refused_or_resolved_by_the_rfc() {
     assert_eq!(responses[0].header("connection"), Some("close"));
 
     assert_eq!(accepted(&server).await, (1, 1));
+    server.stop().await;
+}
+
+/// A request head with one `x-filler` header of `filler` bytes and a one-id callback.
+fn with_filler(filler: usize, id: u64) -> String {
+    let body = format!("{{\"object_ids\":[{id}]}}");
+    format!(
+        "{HEAD}x-filler: {}\r\ncontent-length: {}\r\n\r\n{body}",
+        "a".repeat(filler),
+        body.len()
+    )
+}
+
+#[tokio::test]
+async fn oversized_header_fields_are_answered_431_and_not_accepted() {
+    let server = TestServer::start().await;
+
+    // Under the 32 KiB limit: served as usual.
+    let mut stream = raw_send(server.addr, with_filler(30 * 1024, 1).as_bytes()).await;
+    stream.shutdown().await.unwrap();
+    let seen = read_until_closed(&mut stream).await;
+    assert_eq!(answers(&seen), want(&[(202, "accepted 1")]));
+
+    // Over it, within what the connection buffers: the envelope, then the connection closes.
+    let mut stream = raw_send(server.addr, with_filler(40 * 1024, 2).as_bytes()).await;
+    let seen = read_until_closed(&mut stream).await;
+    assert_eq!(answers(&seen), want(&[(431, "headers_too_large")]));
+    let (responses, _) = parse_responses(&seen, false);
+    assert_eq!(responses[0].header("connection"), Some("close"));
+    let message = String::from_utf8_lossy(&responses[0].body).into_owned();
+    assert!(message.contains("32768"), "it names the limit: {message}");
+
+    // 200 KB, past the connection's buffer: hyper's own bare 431, before any routing.
+    let mut stream = raw_send(server.addr, with_filler(200 * 1024, 3).as_bytes()).await;
+    let seen = read_until_closed(&mut stream).await;
+    assert_eq!(answers(&seen), want(&[(431, "")]));
+
+    assert_eq!(accepted(&server).await, (1, 1), "only id 1 was accepted");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_header_fields_over_http2_are_refused_and_not_accepted() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt as _, Full};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    let server = TestServer::start().await;
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .http2_max_header_list_size(1024 * 1024)
+        .build_http::<Full<Bytes>>();
+    let post = |filler: usize, id: u64| {
+        http::Request::builder()
+            .method(http::Method::POST)
+            .uri(format!("http://{}/callback", server.addr))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header("x-filler", "a".repeat(filler))
+            .body(Full::new(Bytes::from(format!("{{\"object_ids\":[{id}]}}"))))
+            .unwrap()
+    };
+
+    let answer = within("30 KiB of headers", client.request(post(30 * 1024, 1)))
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 202);
+
+    let answer = within("40 KiB of headers", client.request(post(40 * 1024, 2)))
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 431);
+    let body = within("the 431's body", answer.into_body().collect())
+        .await
+        .unwrap()
+        .to_bytes();
+    let envelope: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(envelope["error"], "headers_too_large");
+
+    // Past the header list size the server announces: the HTTP/2 layer itself closes the
+    // connection (GOAWAY, ENHANCE_YOUR_CALM) before the request reaches any handler.
+    let refused = within("200 KB of headers", client.request(post(200 * 1024, 3))).await;
+    let error = refused.expect_err("200 KB of headers were answered");
+    assert!(format!("{error:?}").contains("GoAway"), "{error:?}");
+
+    assert_eq!(accepted(&server).await, (1, 1), "only id 1 was accepted");
     server.stop().await;
 }
