@@ -1,4 +1,6 @@
-//! Workspace hygiene: the layering of ARCHITECTURE.md, checked on every `cargo test`.
+//! Workspace hygiene: the layering of ARCHITECTURE.md, checked on every `cargo test`; the
+//! dependencies' licences; and a repository that stands on its own (no file cites a document
+//! kept outside it).
 
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -253,5 +255,57 @@ fn every_dependency_has_an_allowed_licence() {
     assert!(
         refused.is_empty(),
         "dependencies under licences not allowed: {refused:?}"
+    );
+}
+
+/// Every file of the repository that is text: the workspace minus build output, VCS data
+/// and the local stack's generated certificates.
+fn repository_text_files() -> Vec<(std::path::PathBuf, String)> {
+    fn walk(dir: &std::path::Path, found: &mut Vec<(std::path::PathBuf, String)>) {
+        for entry in std::fs::read_dir(dir).unwrap().map(Result::unwrap) {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if entry.file_type().unwrap().is_dir() {
+                if !(name == "target" || name.starts_with('.') && name != ".ci" || name == "certs")
+                {
+                    walk(&path, found);
+                }
+            } else if let Ok(text) = std::fs::read_to_string(&path) {
+                found.push((path, text));
+            }
+        }
+    }
+    let mut found = Vec::new();
+    walk(&tests::workspace_file(""), &mut found);
+    found
+}
+
+#[test]
+fn no_file_cites_a_document_outside_the_repository() {
+    // Spelled in pieces so that this file does not match itself.
+    let outside = [["DESIGN", ".md"].concat(), ["../", "shared"].concat()];
+    let files = repository_text_files();
+    assert!(
+        files
+            .iter()
+            .any(|(path, _)| path.ends_with("ARCHITECTURE.md")),
+        "the walk did not reach ARCHITECTURE.md: {} files",
+        files.len()
+    );
+    let outside = &outside;
+    let citing: Vec<String> = files
+        .iter()
+        .flat_map(|(path, text)| {
+            text.lines()
+                .enumerate()
+                .filter(|(_, line)| outside.iter().any(|needle| line.contains(needle.as_str())))
+                .map(move |(n, line)| format!("{}:{}: {}", path.display(), n + 1, line.trim()))
+        })
+        .collect();
+    assert!(
+        citing.is_empty(),
+        "these lines cite a document that is not in the repository; what they rely on belongs \
+         in ARCHITECTURE.md or docs/:\n{}",
+        citing.join("\n")
     );
 }

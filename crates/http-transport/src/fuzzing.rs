@@ -156,7 +156,8 @@ const STRICTER_THAN_NEEDED: [&str; 4] = [
 ];
 
 /// The answer the contract requires for `body`, worked out the slow, obvious way: the whole
-/// body as a `serde_json::Value`, then the rules of DESIGN.md element by element.
+/// body as a `serde_json::Value`, then the API contract's rules (README's API section and
+/// `docs/openapi.json`) element by element.
 ///
 /// The rules: the body must be UTF-8 JSON (no BOM, nothing after the value) whose top
 /// level is an object with exactly one `object_ids` key holding an array; otherwise `400`.

@@ -2,7 +2,7 @@
 //! collector (Zipkin, OTLP over HTTP/protobuf, or both), the `tracing` layer that feeds it,
 //! and the propagators (W3C trace context, B3) installed with it.
 
-// DESIGN.md chose Zipkin knowing `opentelemetry-zipkin` is deprecated upstream in favour of
+// Zipkin was chosen knowing `opentelemetry-zipkin` is deprecated upstream in favour of
 // OTLP; both exporters are kept, each behind its own key, so deployments can move over.
 #![expect(
     deprecated,
@@ -55,7 +55,7 @@ impl Exporter {
     ///
     /// Both exporters use reqwest's blocking client: a batch processor exports from its own
     /// thread, outside any tokio runtime, where the async client would panic and the spans
-    /// would be lost without a word (see DESIGN.md).
+    /// would be lost without a word (ARCHITECTURE.md, "Chosen crates and their pitfalls").
     pub(crate) fn build(
         config: &TelemetryConfig,
         service: Service,
