@@ -309,3 +309,75 @@ fn no_file_cites_a_document_outside_the_repository() {
         citing.join("\n")
     );
 }
+
+/// A `major.minor[.patch]` version as numbers, for comparing (a missing patch is 0).
+fn version(text: &str) -> Vec<u64> {
+    let mut parts: Vec<u64> = text.split('.').map(|part| part.parse().unwrap()).collect();
+    parts.resize(3, 0);
+    parts
+}
+
+#[test]
+fn the_declared_rust_version_is_what_the_locked_dependencies_need() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_owned());
+    let host = String::from_utf8(Command::new(rustc).arg("-vV").output().unwrap().stdout)
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix("host: ").map(str::to_owned))
+        .expect("rustc -vV names the host");
+    // The packages built for this platform, at their locked versions.
+    let output = Command::new(cargo)
+        .args([
+            "metadata",
+            "--quiet",
+            "--offline",
+            "--locked",
+            "--format-version",
+            "1",
+        ])
+        .args(["--filter-platform", &host])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cargo metadata runs");
+    assert!(
+        output.status.success(),
+        "cargo metadata failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let metadata: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let resolved: BTreeSet<&str> = metadata["resolve"]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|node| node["id"].as_str())
+        .collect();
+    let packages = metadata["packages"].as_array().unwrap();
+    let needed = packages
+        .iter()
+        .filter(|p| resolved.contains(p["id"].as_str().unwrap_or_default()))
+        .filter_map(|p| Some((version(p["rust_version"].as_str()?), p["name"].as_str()?)))
+        .max()
+        .expect("some dependency declares a rust-version");
+    let manifest = tests::read_workspace_file("Cargo.toml").unwrap();
+    let declared_text = manifest
+        .lines()
+        .find_map(|line| line.strip_prefix("rust-version = "))
+        .map(|quoted| quoted.trim_matches('"'))
+        .expect("the workspace's Cargo.toml declares a rust-version");
+    let declared = version(declared_text);
+    let shown = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(".");
+    assert!(
+        declared >= needed.0,
+        "the workspace declares rust-version {} but {} needs {}",
+        shown(&declared),
+        needed.1,
+        shown(&needed.0)
+    );
+    let readme = tests::read_workspace_file("README.md").unwrap();
+    let claim = format!("{declared_text} or newer");
+    assert!(
+        readme.contains(&claim),
+        "README.md does not say \"{claim}\""
+    );
+}
