@@ -211,6 +211,8 @@ fn draw<DB: DrawingBackend>(
     let mut context = ChartBuilder::on(area)
         .caption(&chart.title, ("sans-serif", 22))
         .margin(14)
+        // room for the last x tick label, centred on the right edge
+        .margin_right(36)
         .x_label_area_size(48)
         .y_label_area_size(72)
         .build_cartesian_2d(x_range, y_range)?;
