@@ -528,6 +528,22 @@ impl Service {
         Ok(())
     }
 
+    /// Posts `{"object_ids": ids}` to `POST /callback` and fails unless it is accepted
+    /// (`202`).
+    pub async fn accept_callback(&self, ids: &[i64]) -> anyhow::Result<()> {
+        let response = http()
+            .post(self.url("/callback"))
+            .json(&serde_json::json!({ "object_ids": ids }))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            response.status() == 202,
+            "callback of {ids:?} answered {}",
+            response.status()
+        );
+        Ok(())
+    }
+
     /// `http://<api>{path}`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.api)

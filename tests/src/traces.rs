@@ -14,7 +14,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
-use crate::{Backend, Service, http};
+use crate::{Backend, Service};
 
 /// How long the tests wait for a collector or the upstream.
 pub const WAIT: Duration = Duration::from_secs(20);
@@ -324,16 +324,7 @@ pub async fn one_callback(env: &[(&str, &str)]) -> anyhow::Result<Propagated> {
     .await?
     .context("sqlite is always available")?;
 
-    let response = http()
-        .post(service.url("/callback"))
-        .json(&json!({ "object_ids": CALLBACK_IDS }))
-        .send()
-        .await?;
-    ensure!(
-        response.status() == 202,
-        "callback answered {}",
-        response.status()
-    );
+    service.accept_callback(&CALLBACK_IDS).await?;
 
     let mut traceparents = HashMap::new();
     let mut b3_trace_ids = HashMap::new();

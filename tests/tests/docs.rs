@@ -443,16 +443,7 @@ async fn the_container_health_check_passes_only_against_a_healthy_service() -> a
         );
     }
 
-    let answer = tests::http()
-        .post(service.url("/callback"))
-        .json(&serde_json::json!({ "object_ids": [1] }))
-        .send()
-        .await?;
-    ensure!(
-        answer.status() == 202,
-        "callback answered {}",
-        answer.status()
-    );
+    service.accept_callback(&[1]).await?;
     let said = tests::eventually(
         Duration::from_secs(10),
         Duration::from_millis(50),

@@ -28,32 +28,38 @@ const IO_CRATES: &[&str] = &[
     "tokio-rustls",
 ];
 
-/// The names of every crate `package` depends on at run time, transitively.
-fn runtime_dependencies(package: &str) -> BTreeSet<String> {
+/// Runs the cargo that runs the tests with `args` in the workspace; its stdout.
+fn cargo(args: &[&str]) -> Vec<u8> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let output = Command::new(cargo)
-        .args([
-            "tree",
-            "--quiet",
-            "--offline",
-            "-e",
-            "normal",
-            "--prefix",
-            "none",
-            "-f",
-            "{p}",
-            "-p",
-            package,
-        ])
+        .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
-        .expect("cargo tree runs");
+        .unwrap_or_else(|err| panic!("cargo {args:?} does not run: {err}"));
     assert!(
         output.status.success(),
-        "cargo tree failed: {}",
+        "cargo {args:?} failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    String::from_utf8_lossy(&output.stdout)
+    output.stdout
+}
+
+/// The names of every crate `package` depends on at run time, transitively.
+fn runtime_dependencies(package: &str) -> BTreeSet<String> {
+    let tree = cargo(&[
+        "tree",
+        "--quiet",
+        "--offline",
+        "-e",
+        "normal",
+        "--prefix",
+        "none",
+        "-f",
+        "{p}",
+        "-p",
+        package,
+    ]);
+    String::from_utf8_lossy(&tree)
         .lines()
         .filter_map(|line| line.split_whitespace().next())
         .map(str::to_owned)
@@ -226,19 +232,9 @@ fn licence_expressions_are_read_as_spdx_says() {
 /// build did for the others. `--locked` keeps it from touching Cargo.lock.
 #[test]
 fn every_dependency_has_an_allowed_licence() {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let output = Command::new(cargo)
-        .args(["metadata", "--format-version", "1", "--locked"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("cargo metadata runs");
-    assert!(
-        output.status.success(),
-        "cargo metadata failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
     let metadata: serde_json::Value =
-        serde_json::from_slice(&output.stdout).expect("cargo metadata prints json");
+        serde_json::from_slice(&cargo(&["metadata", "--format-version", "1", "--locked"]))
+            .expect("cargo metadata prints json");
     let packages = metadata["packages"].as_array().expect("packages");
     assert!(packages.len() > 100, "the whole graph is listed");
     let refused: Vec<String> = packages
@@ -319,7 +315,6 @@ fn version(text: &str) -> Vec<u64> {
 
 #[test]
 fn the_declared_rust_version_is_what_the_locked_dependencies_need() {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_owned());
     let host = String::from_utf8(Command::new(rustc).arg("-vV").output().unwrap().stdout)
         .unwrap()
@@ -327,25 +322,17 @@ fn the_declared_rust_version_is_what_the_locked_dependencies_need() {
         .find_map(|line| line.strip_prefix("host: ").map(str::to_owned))
         .expect("rustc -vV names the host");
     // The packages built for this platform, at their locked versions.
-    let output = Command::new(cargo)
-        .args([
-            "metadata",
-            "--quiet",
-            "--offline",
-            "--locked",
-            "--format-version",
-            "1",
-        ])
-        .args(["--filter-platform", &host])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("cargo metadata runs");
-    assert!(
-        output.status.success(),
-        "cargo metadata failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let metadata: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let metadata: serde_json::Value = serde_json::from_slice(&cargo(&[
+        "metadata",
+        "--quiet",
+        "--offline",
+        "--locked",
+        "--format-version",
+        "1",
+        "--filter-platform",
+        &host,
+    ]))
+    .expect("cargo metadata prints json");
     let resolved: BTreeSet<&str> = metadata["resolve"]["nodes"]
         .as_array()
         .unwrap()

@@ -76,16 +76,10 @@ async fn readiness_turns_503_on_sigterm_before_the_listener_closes() -> anyhow::
         // Not ready, yet still serving: a load balancer's last requests are answered.
         let live = get(&service.url("/livez")).await?;
         ensure!(live.0 == 200, "/livez during the shutdown delay: {live:?}");
-        let accepted = http()
-            .post(service.url("/callback"))
-            .json(&json!({ "object_ids": [1, 2] }))
-            .send()
-            .await?;
-        ensure!(
-            accepted.status() == 202,
-            "a callback during the shutdown delay answered {}",
-            accepted.status()
-        );
+        service
+            .accept_callback(&[1, 2])
+            .await
+            .context("a callback during the shutdown delay")?;
         ensure!(
             service_ready_gauge(&service).await? == Some(0.0),
             "service_ready is not 0 while /readyz answers 503"

@@ -253,14 +253,12 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
     ) -> Reply {
         let version = req.version();
         let started = tokio::time::Instant::now();
+        let header_size = header_bytes(req.headers());
         let outcome = match resolved {
-            _ if header_bytes(req.headers()) > MAX_HEADER_BYTES => {
-                Err(ApiError::HeadersTooLarge(format!(
-                    "the request's header fields are {} bytes, over the limit of \
-                     {MAX_HEADER_BYTES}",
-                    header_bytes(req.headers())
-                )))
-            }
+            _ if header_size > MAX_HEADER_BYTES => Err(ApiError::HeadersTooLarge(format!(
+                "the request's header fields are {header_size} bytes, over the limit of \
+                 {MAX_HEADER_BYTES}"
+            ))),
             Resolved::Found(handler, params, _) => {
                 // The handler is called inside the barrier too, in case building its future panics.
                 let handler = Arc::clone(handler);
