@@ -632,6 +632,16 @@ macro_rules! on_both_backends {
     };
 }
 
+/// The `content-type` of `response`, empty when it has none (or not as text).
+pub fn content_type(response: &reqwest::Response) -> String {
+    response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
 /// A shared HTTP client with a per-request timeout, so no test can hang on a request.
 pub fn http() -> reqwest::Client {
     // reqwest has no rustls provider of its own (see the workspace manifest).

@@ -16,12 +16,7 @@ pub async fn scrape(service: &Service) -> anyhow::Result<(String, String)> {
         "GET /metrics answered {}",
         response.status()
     );
-    let content_type = response
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
+    let content_type = crate::content_type(&response);
     Ok((content_type, response.text().await?))
 }
 

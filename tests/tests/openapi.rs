@@ -898,12 +898,10 @@ async fn send_with_headers(
     }
     let response = request.send().await?;
     let status = response.status().as_u16();
+    let content_type = tests::content_type(&response);
     let headers = response.headers().clone();
     let bytes = response.bytes().await?.to_vec();
-    let media_type = headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
+    let media_type = content_type
         .split(';')
         .next()
         .unwrap_or_default()

@@ -45,12 +45,7 @@ async fn get_under_load(service: &Service, path: &str) -> anyhow::Result<(u16, S
     let get = async {
         let response = http().get(service.admin_url(path)).send().await?;
         let status = response.status().as_u16();
-        let content_type = response
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
+        let content_type = tests::content_type(&response);
         let body = response.bytes().await?.to_vec();
         anyhow::Ok((status, content_type, body))
     };
